@@ -1,0 +1,255 @@
+/**
+ * Guest memory as the backend sees it: the frontend's region table, each region reachable through one or more
+ * windows (Uint8Arrays) of at most WINDOW_SIZE bytes. A view over 2^32 bytes aborts the process under koffi
+ * (DESIGN §2), and smaller windows also keep every in-window offset a small integer.
+ *
+ * Translation is pure arithmetic on Numbers: guest addresses above 2^53 are never valid (no region reaches there),
+ * so no BigInt is needed. A GuestMemory is immutable; a changed table (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG)
+ * is a new instance, so a worker swaps the reference and never sees a half-updated table.
+ */
+import { GuestMemoryError } from './errors.js';
+
+/** Bytes per window. Regions are split into windows of this size (the last one may be shorter). */
+export const WINDOW_SIZE = 2 ** 30;
+const MAX_ADDRESS = Number.MAX_SAFE_INTEGER;
+
+export interface GuestRegion {
+  /** Guest-physical address of the first byte. */
+  readonly guestPhysAddr: number;
+  readonly size: number;
+  /** The frontend's virtual address of the first byte (vring addresses arrive in this space). */
+  readonly userAddr: number;
+  /** The frontend's mmap offset (kept so the region can be reported back and matched on REM_MEM_REG). */
+  readonly mmapOffset: number;
+  /** Host (our process) address of the first byte, or 0 where the memory has no stable native address. */
+  readonly hostAddr: number;
+  /** Views over the region's bytes in order; every window but the last is exactly WINDOW_SIZE long. */
+  readonly windows: readonly Uint8Array[];
+}
+
+/** Where a guest address lives: set by {@link GuestMemory.locate}. */
+export interface Location {
+  /** Index into {@link GuestMemory.buffers}. */
+  buffer: number;
+  /** Byte offset within that buffer. */
+  offset: number;
+  /** Bytes from offset to the end of the buffer (the end of the window, or of the region). */
+  span: number;
+}
+
+export class GuestMemory {
+  /** Every window of every region, flattened: chain segments refer to these by index. */
+  readonly buffers: readonly Uint8Array[];
+  /** Host address of each buffer's first byte (0 when unknown). */
+  readonly bufferHostAddr: readonly number[];
+  readonly regions: readonly GuestRegion[];
+
+  // Parallel arrays for the hot lookup: region start, end (exclusive), first buffer index.
+  private readonly starts: number[];
+  private readonly ends: number[];
+  private readonly firstBuffer: number[];
+  private lastHit = 0;
+  private readonly w32: (Uint32Array | undefined)[] = [];
+  private readonly w16: (Uint16Array | undefined)[] = [];
+
+  constructor(regions: readonly GuestRegion[]) {
+    const sorted = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
+    const buffers: Uint8Array[] = [];
+    const hostAddr: number[] = [];
+    this.starts = [];
+    this.ends = [];
+    this.firstBuffer = [];
+    for (let i = 0; i < sorted.length; i++) {
+      const r = sorted[i];
+      checkRegion(r);
+      if (i > 0 && r.guestPhysAddr < this.ends[i - 1]) {
+        throw new GuestMemoryError(
+          'BAD_REGION',
+          `memory region at guest address 0x${r.guestPhysAddr.toString(16)} overlaps the region before it`,
+        );
+      }
+      this.starts.push(r.guestPhysAddr);
+      this.ends.push(r.guestPhysAddr + r.size);
+      this.firstBuffer.push(buffers.length);
+      for (let w = 0; w < r.windows.length; w++) {
+        buffers.push(r.windows[w]);
+        hostAddr.push(r.hostAddr === 0 ? 0 : r.hostAddr + w * WINDOW_SIZE);
+      }
+    }
+    this.regions = sorted;
+    this.buffers = buffers;
+    this.bufferHostAddr = hostAddr;
+  }
+
+  /** An empty address space: every access fails. */
+  static empty(): GuestMemory {
+    return new GuestMemory([]);
+  }
+
+  /** Memory backed by plain ArrayBuffers, for tests and in-process drivers. */
+  static fromBuffers(regions: readonly { guestPhysAddr: number; bytes: Uint8Array; userAddr?: number }[]): GuestMemory {
+    return new GuestMemory(
+      regions.map((r) => ({
+        guestPhysAddr: r.guestPhysAddr,
+        size: r.bytes.length,
+        userAddr: r.userAddr ?? r.guestPhysAddr,
+        mmapOffset: 0,
+        hostAddr: 0,
+        windows: splitWindows(r.bytes),
+      })),
+    );
+  }
+
+  withRegion(region: GuestRegion): GuestMemory {
+    return new GuestMemory([...this.regions, region]);
+  }
+
+  /** The table without the region matching `guestPhysAddr`, `size` and `userAddr` (REM_MEM_REG semantics). */
+  withoutRegion(match: { guestPhysAddr: number; size: number; userAddr: number }): {
+    memory: GuestMemory;
+    removed: GuestRegion;
+  } {
+    const i = this.regions.findIndex(
+      (r) => r.guestPhysAddr === match.guestPhysAddr && r.size === match.size && r.userAddr === match.userAddr,
+    );
+    if (i < 0) {
+      throw new GuestMemoryError(
+        'NO_SUCH_REGION',
+        `no memory region at guest address 0x${match.guestPhysAddr.toString(16)} of size ${match.size}`,
+      );
+    }
+    const rest = this.regions.filter((_, j) => j !== i);
+    return { memory: new GuestMemory(rest), removed: this.regions[i] };
+  }
+
+  /**
+   * Locate `length` bytes at guest address `gpa`. Returns false when the range is not wholly inside one region.
+   * On success `out` names the buffer and offset of the first byte; the range may continue into the next
+   * buffer (window) of the same region when `length > out.span`.
+   */
+  locate(gpa: number, length: number, out: Location): boolean {
+    let r = this.lastHit;
+    if (!(gpa >= this.starts[r] && gpa < this.ends[r])) {
+      r = this.findRegion(gpa);
+      if (r < 0) return false;
+      this.lastHit = r;
+    }
+    if (length > this.ends[r] - gpa) return false;
+    const rel = gpa - this.starts[r];
+    const w = rel >= WINDOW_SIZE ? Math.floor(rel / WINDOW_SIZE) : 0;
+    const offset = rel - w * WINDOW_SIZE;
+    out.buffer = this.firstBuffer[r] + w;
+    out.offset = offset;
+    out.span = this.buffers[out.buffer].length - offset;
+    return true;
+  }
+
+  /**
+   * A 32-bit view over the whole ArrayBuffer behind buffer `i` (index it by (byteOffset + offset) / 4). Cached:
+   * the ring walker reads indirect tables through it without allocating.
+   */
+  words32(i: number): Uint32Array {
+    return (this.w32[i] ??= new Uint32Array(this.buffers[i].buffer, 0, this.buffers[i].buffer.byteLength >>> 2));
+  }
+
+  /** As {@link words32}, 16-bit. */
+  words16(i: number): Uint16Array {
+    return (this.w16[i] ??= new Uint16Array(this.buffers[i].buffer, 0, this.buffers[i].buffer.byteLength >>> 1));
+  }
+
+  /** Index of the region holding `gpa`, or -1. */
+  findRegion(gpa: number): number {
+    const starts = this.starts;
+    for (let i = 0; i < starts.length; i++) {
+      if (gpa >= starts[i] && gpa < this.ends[i]) return i;
+    }
+    return -1;
+  }
+
+  /** Translate a frontend virtual address to a guest-physical one; -1 when no region maps it. */
+  userToGuest(userAddr: number): number {
+    for (const r of this.regions) {
+      if (userAddr >= r.userAddr && userAddr - r.userAddr < r.size) return r.guestPhysAddr + (userAddr - r.userAddr);
+    }
+    return -1;
+  }
+
+  /**
+   * A contiguous view of `length` bytes at `gpa` (for rings and headers, not for the data path). Throws when the
+   * range is unmapped, crosses a region boundary, or straddles two windows.
+   */
+  slice(gpa: number, length: number): Uint8Array {
+    const loc: Location = { buffer: 0, offset: 0, span: 0 };
+    if (!this.locate(gpa, length, loc)) {
+      const code = this.findRegion(gpa) < 0 ? 'NOT_MAPPED' : 'CROSSES_REGION';
+      throw new GuestMemoryError(code, `guest range 0x${gpa.toString(16)}+${length} is not inside one memory region`);
+    }
+    if (length > loc.span) {
+      throw new GuestMemoryError(
+        'CROSSES_REGION',
+        `guest range 0x${gpa.toString(16)}+${length} straddles a ${WINDOW_SIZE}-byte mapping window`,
+      );
+    }
+    const b = this.buffers[loc.buffer];
+    return b.subarray(loc.offset, loc.offset + length);
+  }
+
+  /** Copy guest bytes out (ranges may span windows but not regions). */
+  read(gpa: number, dst: Uint8Array): void {
+    this.copy(gpa, dst, false);
+  }
+
+  /** Copy bytes into guest memory (ranges may span windows but not regions). */
+  write(gpa: number, src: Uint8Array): void {
+    this.copy(gpa, src, true);
+  }
+
+  private copy(gpa: number, bytes: Uint8Array, toGuest: boolean): void {
+    const loc: Location = { buffer: 0, offset: 0, span: 0 };
+    if (!this.locate(gpa, bytes.length, loc)) {
+      throw new GuestMemoryError('NOT_MAPPED', `guest range 0x${gpa.toString(16)}+${bytes.length} is not mapped`);
+    }
+    let done = 0;
+    while (done < bytes.length) {
+      const buf = this.buffers[loc.buffer];
+      const n = Math.min(bytes.length - done, buf.length - loc.offset);
+      if (toGuest) buf.set(bytes.subarray(done, done + n), loc.offset);
+      else bytes.set(buf.subarray(loc.offset, loc.offset + n), done);
+      done += n;
+      loc.buffer++;
+      loc.offset = 0;
+    }
+  }
+}
+
+function checkRegion(r: GuestRegion): void {
+  const where = `memory region at guest address 0x${r.guestPhysAddr.toString(16)}`;
+  if (!(r.size > 0) || !Number.isSafeInteger(r.size)) throw new GuestMemoryError('BAD_REGION', `${where} has size ${r.size}`);
+  if (!Number.isSafeInteger(r.guestPhysAddr) || r.guestPhysAddr < 0 || r.guestPhysAddr + r.size > MAX_ADDRESS) {
+    throw new GuestMemoryError('BAD_REGION', `${where} reaches beyond 2^53`);
+  }
+  if (!Number.isSafeInteger(r.userAddr) || r.userAddr < 0 || r.userAddr + r.size > MAX_ADDRESS) {
+    throw new GuestMemoryError('BAD_REGION', `${where} has frontend address 0x${r.userAddr.toString(16)} beyond 2^53`);
+  }
+  const expected = Math.ceil(r.size / WINDOW_SIZE);
+  let total = 0;
+  for (let w = 0; w < r.windows.length; w++) {
+    const len = r.windows[w].length;
+    if (w < r.windows.length - 1 && len !== WINDOW_SIZE) {
+      throw new GuestMemoryError('BAD_REGION', `${where}: window ${w} is ${len} bytes, expected ${WINDOW_SIZE}`);
+    }
+    total += len;
+  }
+  if (r.windows.length !== expected || total !== r.size) {
+    throw new GuestMemoryError('BAD_REGION', `${where}: windows cover ${total} of ${r.size} bytes`);
+  }
+}
+
+/** Cut a byte range into WINDOW_SIZE windows. */
+export function splitWindows(bytes: Uint8Array): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  for (let off = 0; off < bytes.length; off += WINDOW_SIZE) {
+    out.push(bytes.subarray(off, Math.min(bytes.length, off + WINDOW_SIZE)));
+  }
+  return out;
+}

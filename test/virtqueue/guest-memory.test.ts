@@ -1,0 +1,101 @@
+import { describe, expect, it } from 'vitest';
+import {
+  GuestMemory,
+  GuestMemoryError,
+  SplitQueue,
+  SplitQueueDriver,
+  WINDOW_SIZE,
+  splitRingLayout,
+  splitWindows,
+  type Location,
+} from '../../src/virtqueue/index.js';
+
+const loc = (): Location => ({ buffer: 0, offset: 0, span: 0 });
+
+describe('GuestMemory', () => {
+  const a = new Uint8Array(0x4000);
+  const b = new Uint8Array(0x2000);
+  const mem = GuestMemory.fromBuffers([
+    { guestPhysAddr: 0x100000, bytes: b, userAddr: 0x7f0000100000 },
+    { guestPhysAddr: 0, bytes: a, userAddr: 0x7f0000000000 },
+  ]);
+
+  it('locates addresses in any region and refuses the gaps and region ends', () => {
+    const l = loc();
+    expect(mem.locate(0x10, 16, l)).toBe(true);
+    expect(mem.buffers[l.buffer]).toBe(mem.buffers[0]);
+    expect(l.offset).toBe(0x10);
+    expect(mem.locate(0x100010, 0x1ff0, l)).toBe(true);
+    expect(l.offset).toBe(0x10);
+    expect(mem.locate(0x100010, 0x1ff1, l)).toBe(false); // one byte past the region
+    expect(mem.locate(0x4000, 1, l)).toBe(false); // gap
+    expect(mem.locate(-1, 1, l)).toBe(false);
+    expect(mem.locate(2 ** 60, 1, l)).toBe(false);
+  });
+
+  it('translates frontend virtual addresses', () => {
+    expect(mem.userToGuest(0x7f0000100020)).toBe(0x100020);
+    expect(mem.userToGuest(0x7f0000000000 + 0x3fff)).toBe(0x3fff);
+    expect(mem.userToGuest(0x7f0000004000)).toBe(-1);
+  });
+
+  it('reads and writes through slices; refuses ranges outside one region', () => {
+    mem.write(0x100, new Uint8Array([1, 2, 3]));
+    expect([...a.subarray(0x100, 0x103)]).toEqual([1, 2, 3]);
+    expect(() => mem.slice(0x3ff0, 0x20)).toThrow(GuestMemoryError);
+    expect(() => mem.slice(0x5000, 1)).toThrow(/not inside one memory region/);
+  });
+
+  it('rejects overlapping and impossible regions', () => {
+    const bytes = new Uint8Array(0x2000);
+    expect(() =>
+      GuestMemory.fromBuffers([
+        { guestPhysAddr: 0, bytes },
+        { guestPhysAddr: 0x1000, bytes },
+      ]),
+    ).toThrow(/overlaps/);
+    expect(() => GuestMemory.fromBuffers([{ guestPhysAddr: 2 ** 53 - 8, bytes }])).toThrow(/2\^53/);
+    expect(() => GuestMemory.fromBuffers([{ guestPhysAddr: 0, bytes: new Uint8Array(0) }])).toThrow(/size 0/);
+  });
+
+  it('adds and removes regions as new tables', () => {
+    const more = mem.withRegion({
+      guestPhysAddr: 0x200000,
+      size: 0x1000,
+      userAddr: 0x7f0000200000,
+      mmapOffset: 0,
+      hostAddr: 0,
+      windows: [new Uint8Array(0x1000)],
+    });
+    expect(more.regions.length).toBe(3);
+    expect(mem.regions.length).toBe(2);
+    const { memory, removed } = more.withoutRegion({ guestPhysAddr: 0x100000, size: 0x2000, userAddr: 0x7f0000100000 });
+    expect(removed.guestPhysAddr).toBe(0x100000);
+    expect(memory.findRegion(0x100000)).toBe(-1);
+    expect(() => memory.withoutRegion({ guestPhysAddr: 0x100000, size: 0x2000, userAddr: 0 })).toThrow(GuestMemoryError);
+  });
+
+  it('splits a region larger than a window and walks a buffer straddling two windows', () => {
+    // Lazily committed: only the touched pages cost memory.
+    const big = new Uint8Array(WINDOW_SIZE + 0x10000);
+    const windows = splitWindows(big);
+    expect(windows.length).toBe(2);
+    const m = new GuestMemory([{ guestPhysAddr: 0, size: big.length, userAddr: 0, mmapOffset: 0, hostAddr: 0x10000000, windows }]);
+    expect(m.bufferHostAddr).toEqual([0x10000000, 0x10000000 + WINDOW_SIZE]);
+    const layout = splitRingLayout(4, WINDOW_SIZE + 0x1000);
+    const driver = new SplitQueueDriver(m, layout);
+    const q = new SplitQueue({ index: 0, memory: m, ...layout, eventIdx: false, indirect: false, lastAvailIdx: 0 });
+    big[WINDOW_SIZE - 2] = 0xaa;
+    big[WINDOW_SIZE] = 0xbb;
+    driver.add([[WINDOW_SIZE - 2, 4]], []);
+    driver.publish();
+    const chain = q.pop()!;
+    expect(chain.count).toBe(2);
+    expect(chain.segLength[0]).toBe(2);
+    expect(chain.segLength[1]).toBe(2);
+    expect(chain.hostAddress(1)).toBe(0x10000000 + WINDOW_SIZE);
+    const got = new Uint8Array(4);
+    chain.reader().read(got);
+    expect([...got]).toEqual([0xaa, 0, 0xbb, 0]);
+  });
+});
