@@ -1,0 +1,18 @@
+export { SysError, errnoName } from './errors.js';
+export { close, read, write, dup, fdCount } from './fd.js';
+export {
+  unixListen,
+  unixAccept,
+  unixConnect,
+  unixSocketPair,
+  sendMessage,
+  receiveMessage,
+  isListeningSocket,
+  setNonBlocking,
+  shutdown,
+} from './socket.js';
+export { mmapShared, munmap, viewOf, addressOf, memfdCreate, pageSize } from './memory.js';
+export { eventfdCreate, eventfdWrite, eventfdRead } from './eventfd.js';
+export { Epoll, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP } from './epoll.js';
+export { pread, pwrite, IovecArray, preadv, pwritev, fdatasync, fsync } from './io.js';
+export { watchReadable, type FdWatch } from './poll.js';
