@@ -29,7 +29,8 @@ export type VirtqueueErrorCode =
   | 'BAD_BUFFER' // descriptor buffer outside guest memory or across a region boundary
   | 'BAD_INDIRECT' // indirect table misplaced, nested, empty, oddly sized or not negotiated
   | 'ORDER' // a device-readable descriptor after a device-writable one
-  | 'BAD_USED'; // the device returned a chain twice or a head it never popped
+  | 'BAD_USED' // the device returned a chain twice or a head it never popped
+  | 'DEVICE_FAILED'; // the device's handler threw: a bug on our side, but the queue is stopped all the same
 
 export class VirtqueueError extends Error {
   override readonly name = 'VirtqueueError';

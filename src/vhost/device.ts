@@ -1,0 +1,115 @@
+/**
+ * The public device API: what a device author implements. The built-in devices use exactly this, nothing more.
+ *
+ * A device has two halves:
+ * - the control half ({@link VhostUserDevice}), a plain object on the main thread: identity, feature bits,
+ *   config space, queue count and size, reset;
+ * - the data half, a module exporting `createQueueHandler` ({@link QueueHandlerFactory}) that the framework loads
+ *   in each queue worker (or on the main thread for low-rate devices). Workers cannot receive functions, so the
+ *   data half is named by module URL and given structured-cloneable options.
+ *
+ * @example A complete device: see src/devices/rng (virtio-rng), about forty lines.
+ * ```ts
+ * // my-device.ts
+ * import type { QueueContext, QueueHandler, VhostUserDevice } from 'vhost-ts';
+ *
+ * export function createQueueHandler(ctx: QueueContext<{ fill: number }>): QueueHandler {
+ *   return {
+ *     process(queue) {
+ *       for (let chain = queue.pop(); chain; chain = queue.pop()) {
+ *         queue.push(chain, chain.writer().fill(ctx.options.fill));
+ *       }
+ *     },
+ *   };
+ * }
+ *
+ * export const device: VhostUserDevice<{ fill: number }> = {
+ *   name: 'filler', deviceId: 4, numQueues: 1, maxQueueSize: 256, features: 0n,
+ *   dataPlane: { module: new URL(import.meta.url), options: { fill: 0xab } },
+ * };
+ * ```
+ */
+import type { SplitQueue } from '../virtqueue/index.js';
+import { VHOST_USER_F_PROTOCOL_FEATURES } from './protocol.js';
+
+/** Virtio feature bits the framework itself implements and offers for every device. */
+export const VIRTIO_F_ANY_LAYOUT = 27;
+export const VIRTIO_RING_F_INDIRECT_DESC = 28;
+export const VIRTIO_RING_F_EVENT_IDX = 29;
+export const VIRTIO_F_VERSION_1 = 32;
+
+export const bit = (n: number): bigint => 1n << BigInt(n);
+
+export const FRAMEWORK_FEATURES =
+  bit(VIRTIO_F_ANY_LAYOUT) |
+  bit(VIRTIO_RING_F_INDIRECT_DESC) |
+  bit(VIRTIO_RING_F_EVENT_IDX) |
+  bit(VIRTIO_F_VERSION_1) |
+  bit(VHOST_USER_F_PROTOCOL_FEATURES);
+
+export interface DataPlane<O> {
+  /** Module exporting `createQueueHandler` (a {@link QueueHandlerFactory}); usually `new URL(import.meta.url)`. */
+  module: URL;
+  /** Handed to every queue handler; must survive structured cloning (no functions, no class instances). */
+  options: O;
+  /**
+   * Where the queues run. 'worker' (default): worker threads that block on the kick eventfds, off the main
+   * thread. 'main': on the main thread's event loop, for low-rate queues where a thread is not worth it.
+   */
+  thread?: 'worker' | 'main';
+  /** Queues served by one worker together, e.g. [[0, 1], [2, 3]]. Default: one worker per queue. */
+  groups?: number[][];
+}
+
+export interface VhostUserDevice<O = unknown> {
+  /** Short name for logs and errors. */
+  readonly name: string;
+  /** Virtio device ID (virtio 1.2 §5): 1 net, 2 block, 3 console, 4 entropy, … */
+  readonly deviceId: number;
+  /** Queues the device has (GET_QUEUE_NUM answers this). */
+  readonly numQueues: number;
+  /** Largest queue size the device accepts (a power of 2, at most 32768). */
+  readonly maxQueueSize: number;
+  /** Device-specific virtio feature bits (the framework adds VERSION_1, EVENT_IDX, INDIRECT_DESC, ANY_LAYOUT). */
+  readonly features: bigint;
+  readonly dataPlane: DataPlane<O>;
+  /** Config space size in bytes; with it the framework offers the CONFIG protocol feature. */
+  readonly configSize?: number;
+  /** Read config space (GET_CONFIG). */
+  readConfig?(offset: number, length: number): Uint8Array;
+  /** Write config space (SET_CONFIG), for devices with writable fields. */
+  writeConfig?(offset: number, data: Uint8Array): void;
+  /** The driver's accepted features, once per SET_FEATURES. */
+  featuresNegotiated?(features: bigint): void;
+  /** Back to power-on state: the frontend disconnected or reset the device. */
+  reset?(): void;
+}
+
+/** What a queue handler gets when it is created (in the thread that will run it). */
+export interface QueueContext<O = unknown> {
+  readonly queueIndex: number;
+  readonly options: O;
+  /** Features the driver accepted (control path only; read once, not per chain). */
+  readonly features: bigint;
+  /**
+   * Publish used chains and notify the driver if it asked to be. The framework does this after each
+   * `process()` call; call it yourself when chains complete later (asynchronous I/O).
+   */
+  publish(): void;
+  /** Process the queue again: call after `process()` declined chains for lack of resources and now can take them. */
+  resume(): void;
+  /** Watch an fd of your own (an io_uring completion eventfd, a tap device) in this queue's thread. */
+  watch(fd: number, onReadable: () => void): { close(): void };
+}
+
+export interface QueueHandler {
+  /**
+   * Serve available chains: pop, do the work, push with the byte count written. Called after kicks until the
+   * queue is empty. Throwing marks the queue broken (the frontend is told through the error eventfd).
+   */
+  process(queue: SplitQueue): void;
+  /** The queue is stopping (GET_VRING_BASE, reset, disconnect): finish or drop what is in flight. */
+  stop?(queue: SplitQueue): void;
+}
+
+export type QueueHandlerFactory<O = unknown> = (ctx: QueueContext<O>) => QueueHandler;

@@ -1,0 +1,202 @@
+/**
+ * Serves the started queues of one queue group in whatever thread hosts it (a worker, or the main thread for
+ * low-rate devices). It owns no fds: the session does, and only closes one after the runner has let go of it
+ * (every request is acknowledged before the session moves on).
+ */
+import { eventfdWrite } from '../sys/index.js';
+import { GuestMemory, SplitQueue, VirtqueueError } from '../virtqueue/index.js';
+import type { QueueContext, QueueHandler, QueueHandlerFactory } from './device.js';
+import { guestMemoryOf, type MappedRegion } from './memory-map.js';
+
+/** Everything a queue needs to start, as plain data (it crosses to workers). */
+export interface QueueStartConfig {
+  index: number;
+  size: number;
+  descAddr: number;
+  availAddr: number;
+  usedAddr: number;
+  lastAvailIdx: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  features: bigint;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+}
+
+/** Control requests from the session to a runner, answered in order. */
+export type RunnerRequest =
+  | { op: 'memory'; regions: MappedRegion[] }
+  | { op: 'start'; config: QueueStartConfig }
+  | { op: 'stop'; index: number }
+  | { op: 'kickFd'; index: number; fd: number }
+  | { op: 'callFd'; index: number; fd: number }
+  | { op: 'errFd'; index: number; fd: number }
+  | { op: 'enable'; index: number; enabled: boolean };
+
+/** 'stop' answers the avail index to resume from; the others answer 0. */
+export type RunnerReply = { ok: true; value: number } | { ok: false; error: string };
+
+/** What the hosting thread provides: fd watching in its own event loop. */
+export interface RunnerEnvironment {
+  watch(fd: number, onReadable: () => void): { close(): void };
+  /** Start or stop watching a queue's kick fd; the host calls runner.kick(index) when it fires. */
+  watchKick(index: number, fd: number): void;
+  unwatchKick(index: number): void;
+  log(message: string): void;
+}
+
+interface RunningQueue {
+  queue: SplitQueue;
+  handler: QueueHandler;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+}
+
+export class QueueRunner {
+  private memory = GuestMemory.empty();
+  private regions: MappedRegion[] = [];
+  private readonly queues = new Map<number, RunningQueue>();
+
+  constructor(
+    private readonly factory: QueueHandlerFactory,
+    private readonly options: unknown,
+    private readonly env: RunnerEnvironment,
+  ) {}
+
+  handle(req: RunnerRequest): RunnerReply {
+    try {
+      return { ok: true, value: this.apply(req) };
+    } catch (e) {
+      return { ok: false, error: (e as Error).message };
+    }
+  }
+
+  private apply(req: RunnerRequest): number {
+    switch (req.op) {
+      case 'memory':
+        this.setMemory(req.regions);
+        return 0;
+      case 'start':
+        this.start(req.config);
+        return 0;
+      case 'stop':
+        return this.stop(req.index);
+      case 'kickFd':
+        this.env.unwatchKick(req.index);
+        if (req.fd >= 0) this.env.watchKick(req.index, req.fd);
+        return 0;
+      case 'callFd':
+        this.running(req.index, (rq) => (rq.callFd = req.fd));
+        return 0;
+      case 'errFd':
+        this.running(req.index, (rq) => (rq.errFd = req.fd));
+        return 0;
+      case 'enable':
+        this.running(req.index, (rq) => (rq.enabled = req.enabled));
+        if (req.enabled) this.kick(req.index);
+        return 0;
+    }
+  }
+
+  /** Serve a queue after a kick: process until the ring is empty and notifications are back on. */
+  kick(index: number): void {
+    const rq = this.queues.get(index);
+    if (!rq || !rq.enabled || rq.queue.broken) return;
+    const q = rq.queue;
+    try {
+      q.disableNotification();
+      for (;;) {
+        const before = q.lastAvailIdx;
+        rq.handler.process(q);
+        this.publish(rq);
+        if (q.broken) break;
+        // A handler that took nothing is out of resources; it calls ctx.resume() when it can go on.
+        if (!q.enableNotification() || q.lastAvailIdx === before) break;
+      }
+    } catch (e) {
+      this.fail(rq, e);
+    }
+  }
+
+  private setMemory(regions: MappedRegion[]): void {
+    const memory = guestMemoryOf(regions);
+    for (const rq of this.queues.values()) {
+      try {
+        rq.queue.setMemory(memory);
+      } catch (e) {
+        this.fail(rq, e);
+      }
+    }
+    this.memory = memory;
+    this.regions = regions;
+  }
+
+  private start(c: QueueStartConfig): void {
+    if (this.queues.has(c.index)) this.stop(c.index);
+    const queue = new SplitQueue({
+      index: c.index,
+      size: c.size,
+      memory: this.memory,
+      descAddr: c.descAddr,
+      availAddr: c.availAddr,
+      usedAddr: c.usedAddr,
+      eventIdx: c.eventIdx,
+      indirect: c.indirect,
+      lastAvailIdx: c.lastAvailIdx,
+    });
+    const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled };
+    const ctx: QueueContext = {
+      queueIndex: c.index,
+      options: this.options,
+      features: c.features,
+      publish: () => this.publish(rq),
+      resume: () => this.kick(c.index),
+      watch: (fd, onReadable) => this.env.watch(fd, onReadable),
+    };
+    rq.handler = this.factory(ctx);
+    this.queues.set(c.index, rq);
+    this.env.watchKick(c.index, c.kickFd);
+    // The driver may have queued chains before the kick fd arrived.
+    this.kick(c.index);
+  }
+
+  private stop(index: number): number {
+    const rq = this.queues.get(index);
+    this.env.unwatchKick(index);
+    if (!rq) return -1;
+    this.queues.delete(index);
+    try {
+      rq.handler.stop?.(rq.queue);
+      this.publish(rq);
+    } catch (e) {
+      this.env.log(`queue ${index}: stop failed: ${(e as Error).message}`);
+    }
+    return rq.queue.lastAvailIdx;
+  }
+
+  private running(index: number, f: (rq: RunningQueue) => void): void {
+    const rq = this.queues.get(index);
+    if (rq) f(rq);
+  }
+
+  private publish(rq: RunningQueue): void {
+    if (rq.queue.publish() && rq.callFd >= 0) eventfdWrite(rq.callFd, 1);
+  }
+
+  private fail(rq: RunningQueue, e: unknown): void {
+    const q = rq.queue;
+    const why = e instanceof VirtqueueError ? e.message : `queue ${q.index}: device handler failed: ${(e as Error)?.stack ?? e}`;
+    if (!q.broken) q.broken = e instanceof VirtqueueError ? e : new VirtqueueError('DEVICE_FAILED', q.index, why);
+    this.env.log(`${why}; queue stopped until the driver resets the device`);
+    // QEMU marks the device NEEDS_RESET when the error eventfd fires.
+    if (rq.errFd >= 0) eventfdWrite(rq.errFd, 1);
+  }
+
+  /** Regions currently in use (for tests and diagnostics). */
+  get mappedRegions(): readonly MappedRegion[] {
+    return this.regions;
+  }
+}

@@ -1,0 +1,213 @@
+/**
+ * Serves one device to one frontend at a time, over a socket we listen on, an inherited fd (`--fd`), or a
+ * socket we connect to (client mode, retried). When the frontend goes, its session is torn down (queues stopped,
+ * memory unmapped, device reset) and the server waits for the next one.
+ *
+ * @example
+ * ```ts
+ * import { VhostUserServer } from 'vhost-ts';
+ * import { rngDevice } from 'vhost-ts/devices/rng';
+ * const server = await VhostUserServer.start(rngDevice(), { socketPath: '/tmp/rng.sock' });
+ * // qemu ... -chardev socket,id=c,path=/tmp/rng.sock -device vhost-user-rng-pci,chardev=c
+ * ```
+ */
+import { EventEmitter } from 'node:events';
+import { lstatSync, unlinkSync } from 'node:fs';
+import { close, isListeningSocket, SysError, unixAccept, unixConnect, unixListen, watchReadable, type FdWatch } from '../sys/index.js';
+import { Connection } from './connection.js';
+import type { VhostUserDevice } from './device.js';
+import { BackendSession, type Logger } from './session.js';
+
+export interface ServeOptions {
+  /** Listen on this path (a stale socket file is replaced; a live one is refused). */
+  socketPath?: string;
+  /** Adopt an inherited fd: a listening socket (serve many frontends in turn) or a connected one (serve one). */
+  fd?: number;
+  /** Connect to a frontend listening here (QEMU `-chardev socket,server=on`), retrying until it answers. */
+  connectPath?: string;
+  /** Client mode: delay between connection attempts, in ms (default 500). */
+  retryMs?: number;
+  log?: Logger;
+}
+
+export interface ServerEvents {
+  connected: [];
+  disconnected: [error: Error | null];
+  closed: [];
+}
+
+export class VhostUserServer extends EventEmitter<ServerEvents> {
+  private listenFd = -1;
+  private listenWatch: FdWatch | null = null;
+  private ownsSocketPath = false;
+  private session: BackendSession | null = null;
+  private connection: Connection | null = null;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private closing = false;
+  private ended: Promise<void> = Promise.resolve();
+  readonly log: Logger;
+
+  private constructor(
+    readonly device: VhostUserDevice,
+    private readonly opts: ServeOptions,
+  ) {
+    super();
+    this.log = opts.log ?? stderrLogger(device.name);
+  }
+
+  static async start(device: VhostUserDevice, opts: ServeOptions): Promise<VhostUserServer> {
+    const modes = [opts.socketPath, opts.fd, opts.connectPath].filter((x) => x !== undefined).length;
+    if (modes !== 1) throw new Error('give exactly one of socketPath, fd or connectPath');
+    const server = new VhostUserServer(device, opts);
+    if (opts.socketPath !== undefined) server.listen(opts.socketPath);
+    else if (opts.fd !== undefined) server.adopt(opts.fd);
+    else server.connectLoop();
+    return server;
+  }
+
+  /** Whether a frontend is connected now. */
+  get connected(): boolean {
+    return this.session !== null;
+  }
+
+  /** Stop serving: disconnect the frontend (its session is torn down), stop listening, remove our socket file. */
+  async close(): Promise<void> {
+    if (this.closing) return this.ended;
+    this.closing = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.listenWatch?.close();
+    this.listenWatch = null;
+    if (this.listenFd >= 0) close(this.listenFd);
+    this.listenFd = -1;
+    if (this.ownsSocketPath && this.opts.socketPath) unlinkQuiet(this.opts.socketPath);
+    if (this.connection && !this.connection.isClosed) {
+      this.connection.close();
+      void this.endSession(null);
+    }
+    await this.ended;
+    this.emit('closed');
+  }
+
+  private listen(path: string): void {
+    removeStaleSocket(path);
+    this.listenFd = unixListen(path);
+    this.ownsSocketPath = true;
+    this.log.info(`listening on ${path}`);
+    this.acceptWhenReady();
+  }
+
+  private adopt(fd: number): void {
+    if (isListeningSocket(fd)) {
+      this.listenFd = fd;
+      this.log.info(`serving on inherited listening socket fd ${fd}`);
+      this.acceptWhenReady();
+    } else {
+      this.log.info(`serving the frontend on inherited socket fd ${fd}`);
+      this.beginSession(fd);
+    }
+  }
+
+  private acceptWhenReady(): void {
+    if (this.closing || this.listenFd < 0 || this.listenWatch) return;
+    this.listenWatch = watchReadable(this.listenFd, () => {
+      const fd = unixAccept(this.listenFd);
+      if (fd < 0) return;
+      // One frontend at a time: later ones wait in the listen backlog until this session ends.
+      this.listenWatch?.close();
+      this.listenWatch = null;
+      this.beginSession(fd);
+    });
+  }
+
+  private connectLoop(): void {
+    if (this.closing) return;
+    const path = this.opts.connectPath!;
+    let fd: number;
+    try {
+      fd = unixConnect(path);
+    } catch (e) {
+      if (e instanceof SysError && (e.code === 'ENOENT' || e.code === 'ECONNREFUSED')) {
+        this.retryTimer = setTimeout(() => this.connectLoop(), this.opts.retryMs ?? 500);
+        return;
+      }
+      throw e;
+    }
+    this.log.info(`connected to frontend at ${path}`);
+    this.beginSession(fd);
+  }
+
+  private beginSession(fd: number): void {
+    const conn: Connection = new Connection(fd, {
+      onMessage: (msg): Promise<void> => session.handle(msg),
+      onClose: (error) => void this.endSession(error),
+    });
+    const session: BackendSession = new BackendSession(this.device, conn, this.log);
+    this.connection = conn;
+    this.session = session;
+    let release!: () => void;
+    this.ended = new Promise((r) => (release = r));
+    this.endRelease = release;
+    conn.start();
+    this.emit('connected');
+  }
+
+  private endRelease: (() => void) | null = null;
+
+  private async endSession(error: Error | null): Promise<void> {
+    const session = this.session;
+    if (!session) return;
+    this.session = null;
+    this.connection = null;
+    if (error) this.log.error(`frontend connection closed: ${error.message}`);
+    else this.log.info('frontend disconnected');
+    try {
+      await session.close();
+    } catch (e) {
+      this.log.error(`tearing down the session failed: ${(e as Error).stack ?? e}`);
+    }
+    this.emit('disconnected', error);
+    const release = this.endRelease;
+    this.endRelease = null;
+    release?.();
+    if (this.closing) return;
+    if (this.opts.connectPath !== undefined) this.connectLoop();
+    else if (this.listenFd >= 0) this.acceptWhenReady();
+    else void this.close(); // an inherited connected fd serves one frontend
+  }
+}
+
+/** A socket file left by a backend that died is replaced; a live backend's, or any other file, is refused. */
+function removeStaleSocket(path: string): void {
+  let isSocket: boolean;
+  try {
+    isSocket = lstatSync(path).isSocket();
+  } catch {
+    return; // nothing there
+  }
+  if (!isSocket) throw new Error(`${path} exists and is not a socket: refusing to replace it`);
+  let fd: number;
+  try {
+    fd = unixConnect(path);
+  } catch (e) {
+    if (e instanceof SysError && e.code === 'ECONNREFUSED') {
+      unlinkSync(path);
+      return;
+    }
+    throw e;
+  }
+  close(fd);
+  throw new Error(`${path} is in use by a running backend: stop it or choose another --socket-path`);
+}
+
+function unlinkQuiet(path: string): void {
+  try {
+    unlinkSync(path);
+  } catch {
+    // already gone
+  }
+}
+
+export function stderrLogger(name: string): Logger {
+  const line = (level: string, m: string) => process.stderr.write(`${new Date().toISOString()} ${level} ${name}: ${m}\n`);
+  return { info: (m) => line('info', m), warn: (m) => line('warn', m), error: (m) => line('error', m) };
+}

@@ -1,0 +1,454 @@
+/**
+ * A backend session: the state one frontend builds up over its connection (features, memory table, queue
+ * configuration) and the queue runners that serve the data path. Messages are handled one at a time, in order;
+ * each handler gets a typed message from the codec, never raw bytes.
+ *
+ * Failure policy:
+ * - a malformed message (codec error) closes the connection;
+ * - a well-formed request we cannot honour gets a REPLY_ACK failure when the frontend asked for one, and
+ *   otherwise closes the connection (the frontend would go on believing it worked);
+ * - a broken ring marks only its queue broken (error eventfd), the session goes on.
+ */
+import { close, eventfdWrite } from '../sys/index.js';
+import { bit, FRAMEWORK_FEATURES, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type VhostUserDevice } from './device.js';
+import { decodeFrontendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
+import type { Connection, RawMessage } from './connection.js';
+import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } from './memory-map.js';
+import { FrontendRequest, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, alwaysReplies, frontendRequestSpec } from './protocol.js';
+import type { QueueStartConfig } from './queue-runner.js';
+import { InlineHost, WorkerHost, type RunnerHost } from './runner-host.js';
+import { MAX_QUEUE_SIZE } from '../virtqueue/index.js';
+
+export interface Logger {
+  info(message: string): void;
+  warn(message: string): void;
+  error(message: string): void;
+}
+
+/** Memory slots we accept (GET_MAX_MEM_SLOTS): region lookup is a scan, so keep the table small. */
+export const MAX_MEM_SLOTS = 32;
+
+const pf = (f: ProtocolFeature): bigint => 1n << BigInt(f);
+
+/** A request the session refuses; answered with a REPLY_ACK failure where possible. */
+export class RequestFailed extends Error {
+  override readonly name = 'RequestFailed';
+}
+
+interface QueueState {
+  size: number;
+  descUser: number;
+  availUser: number;
+  usedUser: number;
+  addrSet: boolean;
+  base: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  started: boolean;
+}
+
+function freshQueue(): QueueState {
+  return { size: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false };
+}
+
+type Handler<T extends FrontendMessage['type']> = (msg: FrontendMessageOf<T>) => Promise<ReplyPayload | void> | ReplyPayload | void;
+type HandlerTable = { [T in FrontendMessage['type']]?: Handler<T> };
+
+export class BackendSession {
+  private features = 0n;
+  private protocolFeatures = 0n;
+  private status = 0;
+  private regions: MappedRegion[] = [];
+  private readonly queues: QueueState[];
+  private readonly hosts = new Map<number, Promise<RunnerHost>>();
+  private readonly groupOf: number[];
+  private backendReqFd = -1;
+  private closed = false;
+  private readonly handlers: HandlerTable;
+
+  constructor(
+    private readonly device: VhostUserDevice,
+    private readonly conn: Connection,
+    private readonly log: Logger,
+  ) {
+    this.queues = Array.from({ length: device.numQueues }, freshQueue);
+    this.groupOf = groupsOf(device);
+    this.handlers = this.handlerTable();
+  }
+
+  /** Virtio features offered: the device's plus what the framework implements. */
+  get offeredFeatures(): bigint {
+    return this.device.features | FRAMEWORK_FEATURES;
+  }
+
+  get offeredProtocolFeatures(): bigint {
+    let f =
+      pf(ProtocolFeature.MQ) |
+      pf(ProtocolFeature.REPLY_ACK) |
+      pf(ProtocolFeature.BACKEND_REQ) |
+      pf(ProtocolFeature.RESET_DEVICE) |
+      pf(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
+      pf(ProtocolFeature.STATUS);
+    if (this.device.configSize !== undefined && this.device.readConfig) f |= pf(ProtocolFeature.CONFIG);
+    return f;
+  }
+
+  /** Handle one message from the connection; throws (and the caller closes the connection) on fatal errors. */
+  async handle(raw: RawMessage): Promise<void> {
+    let msg: FrontendMessage;
+    try {
+      msg = decodeFrontendMessage(raw.header, raw.payload, raw.fds);
+    } catch (e) {
+      for (const fd of raw.fds) close(fd);
+      throw e;
+    }
+    const spec = frontendRequestSpec(new DataView(raw.header.buffer, raw.header.byteOffset).getUint32(0, true));
+    const request = new DataView(raw.header.buffer, raw.header.byteOffset).getUint32(0, true) as FrontendRequest;
+    const handler = this.handlers[msg.type] as Handler<typeof msg.type> | undefined;
+    const ackWanted = msg.needReply && this.has(ProtocolFeature.REPLY_ACK) && !(spec && alwaysReplies(spec));
+    if (!handler) {
+      for (const fd of msgFds(msg)) close(fd);
+      const what = msg.type === 'UNKNOWN' ? `unknown request ${msg.request}` : `${msg.type} is not supported by this backend`;
+      if (ackWanted) {
+        this.log.warn(`${what}; answered with a REPLY_ACK failure`);
+        this.conn.send(encodeReply(request, { kind: 'ack', status: 1 }));
+        return;
+      }
+      if (spec && alwaysReplies(spec)) throw new RequestFailed(`${what}, and it expects a reply: closing the connection`);
+      this.log.warn(`${what}; ignored`);
+      return;
+    }
+    let reply: ReplyPayload | void;
+    try {
+      reply = await handler(msg as never);
+    } catch (e) {
+      if (!(e instanceof RequestFailed)) throw e;
+      if (ackWanted) {
+        this.log.warn(`${msg.type} failed: ${e.message}`);
+        this.conn.send(encodeReply(request, { kind: 'ack', status: 1 }));
+        return;
+      }
+      throw new RequestFailed(`${msg.type} failed: ${e.message}`);
+    }
+    if (reply) this.conn.send(encodeReply(request, reply));
+    else if (ackWanted) this.conn.send(encodeReply(request, { kind: 'ack', status: 0 }));
+  }
+
+  /** The frontend is gone: stop every queue, unmap memory, close fds, reset the device. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.stopAll();
+    for (const host of this.hosts.values()) {
+      try {
+        await (await host).close();
+      } catch {
+        // A host that failed to start has nothing to close.
+      }
+    }
+    this.hosts.clear();
+    for (const r of this.regions) unmapRegion(r);
+    this.regions = [];
+    for (const q of this.queues) closeQueueFds(q);
+    if (this.backendReqFd >= 0) close(this.backendReqFd);
+    this.backendReqFd = -1;
+    this.device.reset?.();
+  }
+
+  private has(f: ProtocolFeature): boolean {
+    return (this.protocolFeatures & pf(f)) !== 0n;
+  }
+
+  private queue(index: number): QueueState {
+    const q = this.queues[index];
+    if (!q) throw new RequestFailed(`queue ${index} does not exist (the device has ${this.queues.length})`);
+    return q;
+  }
+
+  private handlerTable(): HandlerTable {
+    return {
+      GET_FEATURES: () => ({ kind: 'features', features: this.offeredFeatures }),
+      SET_FEATURES: (m) => {
+        const extra = m.features & ~this.offeredFeatures;
+        if (extra !== 0n) throw new RequestFailed(`features 0x${extra.toString(16)} were never offered`);
+        this.features = m.features;
+        this.device.featuresNegotiated?.(m.features);
+      },
+      GET_PROTOCOL_FEATURES: () => ({ kind: 'features', features: this.offeredProtocolFeatures }),
+      SET_PROTOCOL_FEATURES: (m) => {
+        const extra = m.features & ~this.offeredProtocolFeatures;
+        if (extra !== 0n) throw new RequestFailed(`protocol features 0x${extra.toString(16)} were never offered`);
+        this.protocolFeatures = m.features;
+      },
+      SET_OWNER: () => {},
+      RESET_OWNER: () => this.resetDevice(),
+      RESET_DEVICE: () => this.resetDevice(),
+      GET_QUEUE_NUM: () => ({ kind: 'u64', value: this.device.numQueues }),
+      GET_MAX_MEM_SLOTS: () => ({ kind: 'u64', value: MAX_MEM_SLOTS }),
+      SET_MEM_TABLE: (m) => this.setMemTable(m.regions),
+      ADD_MEM_REG: (m) => this.addMemRegion(m.region),
+      REM_MEM_REG: (m) => this.removeMemRegion(m.region, m.fd),
+      SET_VRING_NUM: (m) => {
+        const q = this.queue(m.index);
+        const max = Math.min(this.device.maxQueueSize, MAX_QUEUE_SIZE);
+        if (m.num === 0 || m.num > max || (m.num & (m.num - 1)) !== 0) {
+          throw new RequestFailed(`queue ${m.index}: size ${m.num} is not a power of 2 up to ${max}`);
+        }
+        q.size = m.num;
+      },
+      SET_VRING_ADDR: (m) => {
+        const q = this.queue(m.index);
+        q.descUser = m.descUserAddr;
+        q.availUser = m.availUserAddr;
+        q.usedUser = m.usedUserAddr;
+        q.addrSet = true;
+      },
+      SET_VRING_BASE: (m) => {
+        const q = this.queue(m.index);
+        if (m.num > 0xffff) throw new RequestFailed(`queue ${m.index}: base ${m.num} does not fit a 16-bit ring index`);
+        q.base = m.num;
+      },
+      GET_VRING_BASE: async (m) => {
+        const q = this.queue(m.index);
+        await this.stopQueue(m.index);
+        // The ring is stopped: the frontend expects the kick and call fds to be let go.
+        closeQueueFds(q);
+        q.enabled = false;
+        return { kind: 'vring-state', index: m.index, num: q.base };
+      },
+      SET_VRING_KICK: async (m) => {
+        const q = this.queue(m.index);
+        if (m.fd === null) throw new RequestFailed(`queue ${m.index}: polling mode (no kick fd) is not supported`);
+        const old = q.kickFd;
+        q.kickFd = m.fd;
+        if (q.started) await this.toHost(m.index, { op: 'kickFd', index: m.index, fd: m.fd });
+        if (old >= 0) close(old);
+        // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it starts.
+        if ((this.features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) q.enabled = true;
+        if (!q.started) await this.startQueue(m.index);
+      },
+      SET_VRING_CALL: (m) => this.replaceFd(m.index, 'callFd', m.fd),
+      SET_VRING_ERR: (m) => this.replaceFd(m.index, 'errFd', m.fd),
+      SET_VRING_ENABLE: async (m) => {
+        const q = this.queue(m.index);
+        if (m.num > 1) throw new RequestFailed(`queue ${m.index}: enable value ${m.num} is not 0 or 1`);
+        q.enabled = m.num === 1;
+        if (q.started) await this.toHost(m.index, { op: 'enable', index: m.index, enabled: q.enabled });
+      },
+      GET_CONFIG: (m) => {
+        const size = this.device.configSize ?? 0;
+        if (!this.device.readConfig || m.offset + m.size > size) {
+          this.log.warn(`GET_CONFIG ${m.offset}+${m.size} outside the ${size}-byte config space`);
+          return { kind: 'config-error' };
+        }
+        return { kind: 'config', offset: m.offset, configFlags: m.configFlags, data: this.device.readConfig(m.offset, m.size) };
+      },
+      SET_CONFIG: (m) => {
+        const size = this.device.configSize ?? 0;
+        if (!this.device.writeConfig) throw new RequestFailed('the config space is read-only');
+        if (m.offset + m.size > size) throw new RequestFailed(`config write ${m.offset}+${m.size} outside the ${size}-byte config space`);
+        this.device.writeConfig(m.offset, m.data);
+      },
+      SET_BACKEND_REQ_FD: (m) => {
+        if (this.backendReqFd >= 0) close(this.backendReqFd);
+        this.backendReqFd = m.fd;
+      },
+      SET_STATUS: (m) => {
+        this.status = m.status & 0xff;
+      },
+      GET_STATUS: () => ({ kind: 'u64', value: this.status }),
+    };
+  }
+
+  private async replaceFd(index: number, which: 'callFd' | 'errFd', fd: number | null): Promise<void> {
+    const q = this.queue(index);
+    const old = q[which];
+    q[which] = fd ?? -1;
+    if (q.started) await this.toHost(index, { op: which, index, fd: q[which] });
+    if (old >= 0) close(old);
+  }
+
+  private async setMemTable(regions: MemoryRegion[]): Promise<void> {
+    const mapped: MappedRegion[] = [];
+    try {
+      checkNoOverlap(regions);
+      for (const r of regions) mapped.push(mapRegion(r, r.fd));
+    } catch (e) {
+      for (const m of mapped) unmapRegion(m);
+      if (e instanceof RequestFailed) throw e;
+      throw new RequestFailed(`cannot map guest memory: ${(e as Error).message}`);
+    } finally {
+      for (const r of regions) close(r.fd);
+    }
+    await this.replaceMemory(mapped);
+  }
+
+  private async addMemRegion(r: MemoryRegion): Promise<void> {
+    let m: MappedRegion;
+    try {
+      if (this.regions.length >= MAX_MEM_SLOTS) throw new RequestFailed(`all ${MAX_MEM_SLOTS} memory slots are in use`);
+      checkNoOverlap([...this.regions, r]);
+      m = mapRegion(r, r.fd);
+    } catch (e) {
+      if (e instanceof RequestFailed) throw e;
+      throw new RequestFailed(`cannot map guest memory region: ${(e as Error).message}`);
+    } finally {
+      close(r.fd);
+    }
+    await this.replaceMemory([...this.regions, m], false);
+  }
+
+  private async removeMemRegion(r: MemoryRegionDesc, fd: number | null): Promise<void> {
+    if (fd !== null) close(fd);
+    const i = this.regions.findIndex((x) => x.guestPhysAddr === r.guestPhysAddr && x.size === r.size && x.userAddr === r.userAddr);
+    if (i < 0) throw new RequestFailed(`no memory region at guest address 0x${r.guestPhysAddr.toString(16)} of size ${r.size}`);
+    const removed = this.regions[i];
+    await this.replaceMemory(this.regions.filter((_, j) => j !== i), false);
+    unmapRegion(removed);
+  }
+
+  /**
+   * Install a new region table everywhere, then unmap what is no longer used. Runners must drop their views of
+   * the old mappings before the munmap: touching one afterwards is SIGSEGV.
+   */
+  private async replaceMemory(next: MappedRegion[], unmapOld = true): Promise<void> {
+    const old = this.regions;
+    this.regions = next;
+    for (const host of this.hosts.values()) await (await host).request({ op: 'memory', regions: next });
+    if (unmapOld) for (const r of old) unmapRegion(r);
+  }
+
+  private async resetDevice(): Promise<void> {
+    await this.stopAll();
+    for (let i = 0; i < this.queues.length; i++) {
+      closeQueueFds(this.queues[i]);
+      this.queues[i] = freshQueue();
+    }
+    this.features = 0n;
+    this.status = 0;
+    this.device.reset?.();
+  }
+
+  private async stopAll(): Promise<void> {
+    for (let i = 0; i < this.queues.length; i++) {
+      try {
+        await this.stopQueue(i);
+      } catch (e) {
+        this.log.warn(`queue ${i}: ${(e as Error).message}`);
+      }
+    }
+  }
+
+  private async stopQueue(index: number): Promise<void> {
+    const q = this.queues[index];
+    if (!q.started) return;
+    q.started = false;
+    const last = await this.toHost(index, { op: 'stop', index });
+    if (last >= 0) q.base = last;
+  }
+
+  private async startQueue(index: number): Promise<void> {
+    const q = this.queue(index);
+    if (q.size === 0 || !q.addrSet) throw new RequestFailed(`queue ${index}: kick fd set before the ring size and addresses`);
+    const descAddr = this.userToGuest(q.descUser);
+    const availAddr = this.userToGuest(q.availUser);
+    const usedAddr = this.userToGuest(q.usedUser);
+    if (descAddr < 0 || availAddr < 0 || usedAddr < 0) {
+      throw new RequestFailed(`queue ${index}: ring addresses are not in guest memory`);
+    }
+    const config: QueueStartConfig = {
+      index,
+      size: q.size,
+      descAddr,
+      availAddr,
+      usedAddr,
+      lastAvailIdx: q.base,
+      eventIdx: (this.features & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
+      indirect: (this.features & bit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
+      features: this.features,
+      kickFd: q.kickFd,
+      callFd: q.callFd,
+      errFd: q.errFd,
+      enabled: q.enabled,
+    };
+    try {
+      await this.toHost(index, { op: 'start', config });
+    } catch (e) {
+      // The ring is unusable: tell the frontend through the error eventfd too (QEMU marks NEEDS_RESET).
+      if (q.errFd >= 0) eventfdWrite(q.errFd, 1);
+      throw new RequestFailed(`queue ${index}: ${(e as Error).message}`);
+    }
+    q.started = true;
+  }
+
+  private userToGuest(userAddr: number): number {
+    for (const r of this.regions) {
+      if (userAddr >= r.userAddr && userAddr - r.userAddr < r.size) return r.guestPhysAddr + (userAddr - r.userAddr);
+    }
+    return -1;
+  }
+
+  private async toHost(index: number, req: Parameters<RunnerHost['request']>[0]): Promise<number> {
+    return (await this.host(index)).request(req);
+  }
+
+  /** The runner host of a queue's group, started on first use with the current memory table. */
+  private host(index: number): Promise<RunnerHost> {
+    const group = this.groupOf[index];
+    let host = this.hosts.get(group);
+    if (!host) {
+      const plane = this.device.dataPlane;
+      const opts = {
+        module: plane.module,
+        options: plane.options,
+        name: `${this.device.name} queue group ${group}`,
+        log: (m: string) => this.log.warn(m),
+      };
+      host = (plane.thread === 'main' ? InlineHost.start(opts) : WorkerHost.start(opts)).then(async (h) => {
+        if (this.regions.length > 0) await h.request({ op: 'memory', regions: this.regions });
+        return h;
+      });
+      this.hosts.set(group, host);
+      // A host that failed to start is forgotten, so the next request retries and reports the same error.
+      host.catch(() => this.hosts.delete(group));
+    }
+    return host;
+  }
+}
+
+function closeQueueFds(q: QueueState): void {
+  for (const k of ['kickFd', 'callFd', 'errFd'] as const) {
+    if (q[k] >= 0) close(q[k]);
+    q[k] = -1;
+  }
+}
+
+function msgFds(msg: FrontendMessage): number[] {
+  if (msg.type === 'UNKNOWN') return msg.fds;
+  const fds: number[] = [];
+  const m = msg as { fd?: number | null; regions?: { fd: number }[]; region?: { fd?: number } };
+  if (typeof m.fd === 'number') fds.push(m.fd);
+  if (m.regions) for (const r of m.regions) fds.push(r.fd);
+  if (m.region && typeof m.region.fd === 'number') fds.push(m.region.fd);
+  return fds;
+}
+
+function groupsOf(device: VhostUserDevice): number[] {
+  const groupOf = Array.from({ length: device.numQueues }, (_, i) => i);
+  device.dataPlane.groups?.forEach((g, gi) => {
+    for (const q of g) if (q >= 0 && q < device.numQueues) groupOf[q] = device.numQueues + gi;
+  });
+  return groupOf;
+}
+
+function checkNoOverlap(regions: readonly RegionDescription[]): void {
+  const sorted = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
+  for (let i = 1; i < sorted.length; i++) {
+    if (sorted[i].guestPhysAddr < sorted[i - 1].guestPhysAddr + sorted[i - 1].size) {
+      throw new RequestFailed(`memory region at 0x${sorted[i].guestPhysAddr.toString(16)} overlaps another`);
+    }
+  }
+}
+
