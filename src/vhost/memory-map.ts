@@ -3,6 +3,7 @@
  * serves queues builds its own GuestMemory views over the same addresses, because an ArrayBuffer over native
  * memory cannot be transferred between threads.
  */
+import { fstatSync } from 'node:fs';
 import { mmapShared, munmap, viewOf } from '../sys/index.js';
 import { GuestMemory, WINDOW_SIZE, type GuestRegion } from '../virtqueue/index.js';
 
@@ -25,6 +26,12 @@ export interface MappedRegion extends RegionDescription {
 export function mapRegion(desc: RegionDescription, fd: number): MappedRegion {
   const mapLength = desc.size + desc.mmapOffset;
   if (!Number.isSafeInteger(mapLength)) throw new RangeError(`region of ${desc.size} bytes at offset ${desc.mmapOffset} cannot be mapped`);
+  // Touching a shared mapping past the end of its file is SIGBUS, a crash: the file must hold the whole region.
+  const st = fstatSync(fd);
+  if (!st.isFile()) throw new RangeError('the memory region fd is not a memfd or regular file');
+  if (st.size < mapLength) {
+    throw new RangeError(`region needs ${mapLength} bytes (offset ${desc.mmapOffset} + size ${desc.size}) but its file has ${st.size}`);
+  }
   // Map from offset 0 like the frontend's own view; mmap_offset need not be page-aligned.
   const mapAddress = mmapShared(fd, mapLength, 0);
   return { ...desc, mapAddress, mapLength };

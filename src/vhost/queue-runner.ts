@@ -59,6 +59,8 @@ export class QueueRunner {
   private memory = GuestMemory.empty();
   private regions: MappedRegion[] = [];
   private readonly queues = new Map<number, RunningQueue>();
+  /** Where queues dropped for unusable rings stopped, for the GET_VRING_BASE that follows. */
+  private readonly droppedAt = new Map<number, number>();
 
   constructor(
     private readonly factory: QueueHandlerFactory,
@@ -123,10 +125,15 @@ export class QueueRunner {
 
   private setMemory(regions: MappedRegion[]): void {
     const memory = guestMemoryOf(regions);
-    for (const rq of this.queues.values()) {
+    for (const [index, rq] of this.queues) {
       try {
         rq.queue.setMemory(memory);
       } catch (e) {
+        // Its rings are gone from the new table. The queue still holds views of the old mappings, which the
+        // session unmaps next: drop it without touching ring memory again (that would be SIGSEGV).
+        this.queues.delete(index);
+        this.env.unwatchKick(index);
+        this.droppedAt.set(index, rq.queue.lastAvailIdx);
         this.fail(rq, e);
       }
     }
@@ -136,6 +143,7 @@ export class QueueRunner {
 
   private start(c: QueueStartConfig): void {
     if (this.queues.has(c.index)) this.stop(c.index);
+    this.droppedAt.delete(c.index);
     const queue = new SplitQueue({
       index: c.index,
       size: c.size,
@@ -166,7 +174,11 @@ export class QueueRunner {
   private stop(index: number): number {
     const rq = this.queues.get(index);
     this.env.unwatchKick(index);
-    if (!rq) return -1;
+    if (!rq) {
+      const dropped = this.droppedAt.get(index) ?? -1;
+      this.droppedAt.delete(index);
+      return dropped;
+    }
     this.queues.delete(index);
     try {
       rq.handler.stop?.(rq.queue);

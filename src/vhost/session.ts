@@ -223,8 +223,12 @@ export class BackendSession {
         if (m.fd === null) throw new RequestFailed(`queue ${m.index}: polling mode (no kick fd) is not supported`);
         const old = q.kickFd;
         q.kickFd = m.fd;
-        if (q.started) await this.toHost(m.index, { op: 'kickFd', index: m.index, fd: m.fd });
-        if (old >= 0) close(old);
+        try {
+          if (q.started) await this.toHost(m.index, { op: 'kickFd', index: m.index, fd: m.fd });
+        } finally {
+          // The runner let go of the old fd whether or not it could watch the new one.
+          if (old >= 0) close(old);
+        }
         // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it starts.
         if ((this.features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) === 0n) q.enabled = true;
         if (!q.started) await this.startQueue(m.index);
@@ -266,8 +270,11 @@ export class BackendSession {
     const q = this.queue(index);
     const old = q[which];
     q[which] = fd ?? -1;
-    if (q.started) await this.toHost(index, { op: which, index, fd: q[which] });
-    if (old >= 0) close(old);
+    try {
+      if (q.started) await this.toHost(index, { op: which, index, fd: q[which] });
+    } finally {
+      if (old >= 0) close(old);
+    }
   }
 
   private async setMemTable(regions: MemoryRegion[]): Promise<void> {
