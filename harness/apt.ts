@@ -4,28 +4,52 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { isRoot, run } from './host-tools.js';
 
+export interface Dependency {
+  name: string;
+  /** The version when the dependency pins one with (= V). */
+  exactVersion?: string;
+}
+
 export interface PackageInfo {
   name: string;
   version: string;
-  depends: string[];
+  depends: Dependency[];
 }
 
-/** The candidate version apt would install, or undefined when the host's lists do not know the package. */
-export async function candidate(pkg: string): Promise<PackageInfo | undefined> {
+function parseDepends(field: string): Dependency[] {
+  return field
+    .split(',')
+    .map((alt) => alt.split('|')[0]!.trim())
+    .filter(Boolean)
+    .map((d) => {
+      const m = d.match(/^(\S+)(?:\s*\(\s*=\s*([^)\s]+)\s*\))?/);
+      return m?.[2] ? { name: m[1]!, exactVersion: m[2] } : { name: m?.[1] ?? d };
+    });
+}
+
+/**
+ * The candidate versions apt would install, for all names in one apt-cache run: on hosts whose apt keeps no
+ * pkgcache.bin (container images often disable it) every run re-parses all package lists, about a second each.
+ * Names the host's lists do not know are absent from the result.
+ */
+export async function candidates(pkgs: string[]): Promise<Map<string, PackageInfo>> {
+  const found = new Map<string, PackageInfo>();
   let out: string;
   try {
-    out = (await run('apt-cache', ['show', '--no-all-versions', pkg], { timeoutMs: 60_000 })).stdout;
-  } catch {
-    return undefined;
+    out = (await run('apt-cache', ['show', '--no-all-versions', ...pkgs], { timeoutMs: 60_000 })).stdout;
+  } catch (err) {
+    // apt-cache fails the whole call when one name is unknown: fall back to asking one by one.
+    if (pkgs.length === 1) return found;
+    for (const p of pkgs) for (const [k, v] of await candidates([p])) found.set(k, v);
+    return found;
   }
-  const field = (name: string) => out.match(new RegExp(`^${name}: (.*)$`, 'm'))?.[1]?.trim();
-  const version = field('Version');
-  if (!version) return undefined;
-  const depends = (field('Depends') ?? '')
-    .split(',')
-    .map((d) => d.trim().split(/[\s|]/)[0]!)
-    .filter(Boolean);
-  return { name: pkg, version, depends };
+  for (const stanza of out.split(/\n\s*\n/)) {
+    const field = (name: string) => stanza.match(new RegExp(`^${name}: (.*)$`, 'm'))?.[1]?.trim();
+    const name = field('Package');
+    const version = field('Version');
+    if (name && version && !found.has(name)) found.set(name, { name, version, depends: parseDepends(field('Depends') ?? '') });
+  }
+  return found;
 }
 
 export function noListsHint(pkg: string): string {

@@ -4,7 +4,7 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { candidate, download, extract, noListsHint } from './apt.js';
+import { download, extract, noListsHint, type PackageInfo } from './apt.js';
 import { buildAtomically, readMarker, type Marker } from './cache.js';
 import { CpioWriter } from './cpio.js';
 import { INIT_SCRIPT, MODULE_LIST } from './guest-init.js';
@@ -58,19 +58,24 @@ interface GuestMarker extends Marker, Omit<GuestImage, 'dir' | 'kernel' | 'initr
   inputsHash: string;
 }
 
-async function ensureBusybox(progress: Progress, cacheDir: string): Promise<{ binary: string; version: string }> {
-  const pkg = await candidate('busybox-static');
+export const BUSYBOX_PACKAGE = 'busybox-static';
+
+async function ensureBusybox(
+  progress: Progress,
+  cacheDir: string,
+  pkg: PackageInfo | undefined,
+): Promise<{ binary: string; version: string }> {
   const root = path.join(cacheDir, 'busybox');
   const reuse = (dir: string, m: BusyboxMarker) => ({ binary: path.join(dir, 'busybox'), version: m.version });
   if (!pkg) {
     for (const e of fs.existsSync(root) ? fs.readdirSync(root) : []) {
       const m = readMarker<BusyboxMarker>(path.join(root, e), 'busybox', BUSYBOX_FORMAT);
       if (m) {
-        progress.note(`apt cannot resolve busybox-static; reusing cached busybox ${m.version}`);
+        progress.note(`apt cannot resolve ${BUSYBOX_PACKAGE}; reusing cached busybox ${m.version}`);
         return reuse(path.join(root, e), m);
       }
     }
-    throw new Error(noListsHint('busybox-static'));
+    throw new Error(noListsHint(BUSYBOX_PACKAGE));
   }
   const dir = path.join(root, pkg.version.replace(/:/g, '_'));
   const existing = readMarker<BusyboxMarker>(dir, 'busybox', BUSYBOX_FORMAT);
@@ -81,7 +86,7 @@ async function ensureBusybox(progress: Progress, cacheDir: string): Promise<{ bi
   const marker = await buildAtomically<BusyboxMarker>(dir, async (tmp) => {
     const deb = await progress.task(
       `download busybox-static ${pkg.version}`,
-      () => download('busybox-static', pkg.version, path.join(cacheDir, 'debs')),
+      () => download(BUSYBOX_PACKAGE, pkg.version, path.join(cacheDir, 'debs')),
       (f) => fs.statSync(f).size,
     );
     const x = path.join(tmp, 'x');
@@ -195,9 +200,11 @@ export async function ensureGuestImage(
   cacheDir: string,
   kernel: KernelInfo,
   rebuild: boolean,
+  /** busybox-static's candidate, resolved by the caller together with other packages. */
+  busyboxPackage: PackageInfo | undefined,
 ): Promise<{ guest: GuestImage; reused: boolean }> {
   const toolSet = hostTools();
-  const busybox = await ensureBusybox(progress, cacheDir);
+  const busybox = await ensureBusybox(progress, cacheDir, busyboxPackage);
   const modules = loadOrder(kernel.modulesDir, GUEST_MODULES, OPTIONAL_MODULES);
   const inputsHash = createHash('sha256')
     .update(JSON.stringify([GUEST_FORMAT, INIT_SCRIPT, kernel.package, kernel.packageVersion, busybox.version, modules.map((m) => m.name), toolSet.fingerprint]))
@@ -218,7 +225,7 @@ export async function ensureGuestImage(
   });
   const existing = rebuild ? undefined : readMarker<GuestMarker>(dir, 'guest', GUEST_FORMAT);
   if (existing) {
-    progress.note(`reusing initramfs ${dir} (kernel ${existing.kernelRelease}, ${(existing.sizeBytes / 2 ** 20).toFixed(0)} MiB)`);
+    progress.note(`reusing initramfs ${dir} (kernel ${existing.kernelRelease}; initrd + vmlinuz ${(existing.sizeBytes / 2 ** 20).toFixed(0)} MiB)`);
     return { guest: image(existing), reused: true };
   }
   const marker = await buildAtomically<GuestMarker>(dir, async (tmp) => {

@@ -3,12 +3,13 @@
 // time and the unpacked kernel cached under its exact version.
 import fs from 'node:fs';
 import path from 'node:path';
-import { candidate, download, extract, noListsHint } from './apt.js';
+import { candidates, download, extract, noListsHint, type PackageInfo } from './apt.js';
 import { buildAtomically, readMarker, type Marker } from './cache.js';
 import { diskUsage, type Progress } from './progress.js';
 
 const KERNEL_FORMAT = 1;
-const METAPACKAGE = 'linux-image-cloud-amd64';
+export const KERNEL_METAPACKAGE = 'linux-image-cloud-amd64';
+const METAPACKAGE = KERNEL_METAPACKAGE;
 
 export interface KernelInfo {
   /** The Debian package, e.g. linux-image-6.1.0-56-cloud-amd64. */
@@ -54,11 +55,16 @@ export async function ensureKernel(
   progress: Progress,
   cacheDir: string,
   rebuild: boolean,
+  /** The metapackage's candidate, resolved by the caller together with other packages. */
+  meta: PackageInfo | undefined,
 ): Promise<{ kernel: KernelInfo; reused: boolean }> {
   const kernelsDir = path.join(cacheDir, 'kernel');
-  const meta = await candidate(METAPACKAGE);
-  const pkgName = meta?.depends.find((d) => /^linux-image-.*-cloud-amd64(-unsigned)?$/.test(d));
-  const pkg = pkgName ? await candidate(pkgName) : undefined;
+  const dep = meta?.depends.find((d) => /^linux-image-.*-cloud-amd64(-unsigned)?$/.test(d.name));
+  const pkg = dep?.exactVersion
+    ? { name: dep.name, version: dep.exactVersion }
+    : dep
+      ? (await candidates([dep.name])).get(dep.name)
+      : undefined;
   if (!meta || !pkg) {
     const cached = newestCached(kernelsDir);
     if (!cached) throw new Error(noListsHint(METAPACKAGE));

@@ -5,9 +5,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { chooseAccel } from './accel.js';
+import { candidates } from './apt.js';
 import { resolveCacheDir, withCacheLock } from './cache.js';
-import { ensureGuestImage, type GuestImage } from './initramfs.js';
-import { ensureKernel } from './kernel.js';
+import { BUSYBOX_PACKAGE, ensureGuestImage, type GuestImage } from './initramfs.js';
+import { ensureKernel, KERNEL_METAPACKAGE } from './kernel.js';
 import { ensureQemu, type QemuInstall } from './qemu-install.js';
 import { Progress, formatBytes, formatMs, stderrLog, type LogFn } from './progress.js';
 import { ensureRootfs, type RootfsImage } from './rootfs.js';
@@ -55,11 +56,12 @@ async function provision(cacheDir: string, opts: SetupOptions, log: LogFn): Prom
   status.push(['QEMU', `${qemu.install.version}, ${qemu.detail}`, qemu.reused]);
 
   progress.step('guest kernel (Debian cloud)');
-  const kernel = await ensureKernel(progress, cacheDir, rebuild);
+  const packages = await candidates([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE]);
+  const kernel = await ensureKernel(progress, cacheDir, rebuild, packages.get(KERNEL_METAPACKAGE));
   status.push(['kernel', `${kernel.kernel.package} ${kernel.kernel.packageVersion}, ${kernel.kernel.vmlinuz}`, kernel.reused]);
 
   progress.step('test guest initramfs');
-  const guest = await ensureGuestImage(progress, cacheDir, kernel.kernel, rebuild);
+  const guest = await ensureGuestImage(progress, cacheDir, kernel.kernel, rebuild, packages.get(BUSYBOX_PACKAGE));
   const initrdSize = fs.statSync(guest.guest.initrd).size;
   status.push(['initrd', `${formatBytes(initrdSize)}, ${guest.guest.initrd}`, guest.reused]);
 
