@@ -112,16 +112,18 @@ export function run(file: string, args: string[], opts: RunOptions): Promise<Run
     child.stderr.on('data', collect('err'));
     let timedOut = false;
     let killTimer: NodeJS.Timeout | undefined;
+    const signal = (sig: NodeJS.Signals) => {
+      if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
+      try {
+        process.kill(child.pid, sig);
+      } catch {
+        // exited between the check and the kill
+      }
+    };
     const timer = setTimeout(() => {
       timedOut = true;
-      if (child.pid !== undefined) {
-        process.kill(child.pid, 'SIGTERM');
-        killTimer = setTimeout(() => {
-          if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) {
-            process.kill(child.pid, 'SIGKILL');
-          }
-        }, 5000);
-      }
+      signal('SIGTERM');
+      killTimer = setTimeout(() => signal('SIGKILL'), 5000);
     }, opts.timeoutMs);
     child.on('error', (err) => {
       clearTimeout(timer);

@@ -197,7 +197,11 @@ function watch(proc: ChildProcess, opts: RunGuestOptions, accel: Accel, started:
 
     const onLine = (raw: string) => {
       const line = raw.replace(/\r$/, '');
-      opts.onConsoleLine?.(line);
+      try {
+        opts.onConsoleLine?.(line);
+      } catch (err) {
+        finish(`onConsoleLine threw: ${(err as Error).message ?? String(err)}`);
+      }
       if (line === READY_LINE && bootMs === undefined) bootMs = Date.now() - started;
       else if (line.startsWith(RESULT_PREFIX)) results.push(line.slice(RESULT_PREFIX.length));
       else if (line.startsWith(EXIT_PREFIX) && exitCode === undefined) {
