@@ -108,7 +108,8 @@ function usage(): string {
   --cache    cache directory (default $VHOST_TS_CACHE or ~/.cache/vhost-ts)`;
 }
 
-async function main(argv: string[]): Promise<number> {
+/** `vhost-ts setup` and `npm run setup`: returns the exit code. */
+export async function setupMain(argv: string[]): Promise<number> {
   const opts: SetupOptions = {};
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -133,5 +134,5 @@ async function main(argv: string[]): Promise<number> {
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
-  process.exitCode = await main(process.argv.slice(2));
+  process.exitCode = await setupMain(process.argv.slice(2));
 }

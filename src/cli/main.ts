@@ -4,12 +4,18 @@
 import { parseArgs } from 'node:util';
 import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer, type VhostUserDevice } from '../vhost/index.js';
+import { setupMain } from '../../harness/setup.js';
 import { backendOptions, backendUsage, serveOptionsOf, UsageError } from './backend-options.js';
+import { vmMain } from './vm.js';
 
 const usage = `usage: vhost-ts <command> [options]
 
 devices (vhost-user backends):
   rng        virtio-rng: random numbers for the guest (QEMU: -device vhost-user-rng-pci)
+
+tools:
+  setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
+  vm         boot the test guest with vhost-ts devices attached (--rng, --script FILE, --shell)
 
 common device options:
 ${backendUsage}
@@ -36,6 +42,8 @@ async function main(argv: string[]): Promise<number> {
     console.log(usage);
     return command === undefined ? 2 : 0;
   }
+  if (command === 'setup') return setupMain(rest);
+  if (command === 'vm') return vmMain(rest);
   const dev = devices[command];
   if (!dev) throw new UsageError(`unknown command "${command}"`);
   const { values } = parseArgs({ args: rest, options: backendOptions, strict: true });

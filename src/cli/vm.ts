@@ -1,0 +1,113 @@
+/**
+ * `vhost-ts vm`: boot the test guest with vhost-ts devices served from this process, to try a device by hand.
+ * Runs a script (its RESULT lines and exit code come back) or gives an interactive shell on the serial console.
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { chooseAccel } from '../../harness/accel.js';
+import { machineArgs, type VhostUserDevice as QemuDevice } from '../../harness/qemu-args.js';
+import { qemuCommand } from '../../harness/qemu-install.js';
+import { ensureSetup } from '../../harness/setup.js';
+import { runGuest } from '../../harness/vm.js';
+import { rngDevice } from '../devices/rng/index.js';
+import { VhostUserServer } from '../vhost/index.js';
+import { UsageError } from './backend-options.js';
+
+export const vmUsage = `usage: vhost-ts vm [--rng] [--script FILE | --shell] [--accel kvm|tcg] [--memory MiB] [--timeout SECONDS]
+
+Boots the test guest (built by 'vhost-ts setup') with the chosen vhost-ts devices served by this process.
+  --rng              attach virtio-rng (vhost-user-rng-pci); the guest sees /dev/hwrng
+  --script FILE      run FILE (busybox sh) in the guest; its 'RESULT ...' lines and exit code come back
+  --shell            an interactive shell on the serial console instead (leave with 'poweroff -f')
+  --accel kvm|tcg    force the accelerator (default: KVM where it can boot a stock kernel, else TCG)
+  --memory MiB       guest memory (default 512)
+  --timeout SECONDS  bound on a script run (default 300)`;
+
+const DEFAULT_SCRIPT = `echo "devices: $(ls /sys/bus/virtio/devices | tr '\\n' ' ')"
+[ -e /dev/hwrng ] && echo "RESULT hwrng $(cat /sys/class/misc/hw_random/rng_current) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')"
+true`;
+
+export async function vmMain(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: {
+      rng: { type: 'boolean' },
+      script: { type: 'string' },
+      shell: { type: 'boolean' },
+      accel: { type: 'string' },
+      memory: { type: 'string' },
+      timeout: { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    console.log(vmUsage);
+    return 0;
+  }
+  if (values.script !== undefined && values.shell) throw new UsageError('--script and --shell exclude each other');
+  if (values.accel !== undefined && values.accel !== 'kvm' && values.accel !== 'tcg') throw new UsageError('--accel takes kvm or tcg');
+  const accel = values.accel as 'kvm' | 'tcg' | undefined;
+  const memoryMiB = positive(values.memory, 512, '--memory');
+  const timeoutMs = positive(values.timeout, 300, '--timeout') * 1000;
+  const script = values.script !== undefined ? readFileSync(values.script, 'utf8') : DEFAULT_SCRIPT;
+
+  const setup = await ensureSetup();
+  const dir = mkdtempSync(join(tmpdir(), 'vhost-ts-vm-'));
+  const servers: VhostUserServer[] = [];
+  const devices: QemuDevice[] = [];
+  try {
+    if (values.rng) {
+      const socket = join(dir, 'rng.sock');
+      servers.push(await VhostUserServer.start(rngDevice(), { socketPath: socket }));
+      devices.push({ kind: 'rng', socket });
+    }
+    if (values.shell) return await shell(setup, devices, memoryMiB, accel);
+    const run = await runGuest({
+      setup,
+      devices,
+      script,
+      timeoutMs,
+      memoryMiB,
+      ...(accel ? { accel } : {}),
+      onConsoleLine: (line) => process.stdout.write(`${line}\n`),
+    });
+    console.error(`vhost-ts vm: guest booted in ${run.bootMs} ms under ${run.accel}; script exited ${run.exitCode}`);
+    return run.exitCode;
+  } finally {
+    for (const s of servers) await s.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** QEMU in the foreground with the serial console on this terminal; no script, so the guest's /init starts a shell. */
+async function shell(setup: Awaited<ReturnType<typeof ensureSetup>>, devices: QemuDevice[], memoryMiB: number, accel?: 'kvm' | 'tcg'): Promise<number> {
+  const choice = chooseAccel(accel ? { force: accel } : {});
+  const cmd = qemuCommand(
+    setup.qemu,
+    'qemu-system-x86_64',
+    machineArgs({
+      kernel: setup.guest.kernel,
+      initrd: setup.guest.initrd,
+      memoryMiB,
+      cpus: 2,
+      accelArgs: choice.args,
+      serial: { to: 'stdio' },
+      devices,
+    }),
+  );
+  console.error(`vhost-ts vm: ${choice.accel}; a shell comes up on the console; 'poweroff -f' ends it`);
+  const child = spawn(cmd.file, cmd.args, { stdio: 'inherit', env: { ...process.env, ...cmd.env } });
+  const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
+  return code;
+}
+
+function positive(text: string | undefined, fallback: number, flag: string): number {
+  if (text === undefined) return fallback;
+  const n = Number(text);
+  if (!Number.isInteger(n) || n <= 0) throw new UsageError(`${flag} takes a positive whole number, not "${text}"`);
+  return n;
+}
