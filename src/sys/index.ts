@@ -14,5 +14,18 @@ export {
 export { mmapShared, munmap, viewOf, addressOf, memfdCreate, pageSize } from './memory.js';
 export { eventfdCreate, eventfdWrite, eventfdRead } from './eventfd.js';
 export { Epoll, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP } from './epoll.js';
-export { pread, pwrite, IovecArray, preadv, pwritev, fdatasync, fsync } from './io.js';
+export {
+  pread,
+  pwrite,
+  IovecArray,
+  preadv,
+  pwritev,
+  fdatasync,
+  fsync,
+  fallocate,
+  fileSize,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+} from './io.js';
 export { watchReadable, type FdWatch } from './poll.js';

@@ -67,3 +67,27 @@ export function fdatasync(fd: number): void {
 export function fsync(fd: number): void {
   if (sysFsync(fd) < 0) throw lastError('fsync');
 }
+
+const sysFallocate = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as (
+  fd: number,
+  mode: number,
+  offset: number,
+  length: number,
+) => number;
+const sysLseek = libc.func('int64_t lseek(int fd, int64_t offset, int whence)') as (fd: number, offset: number, whence: number) => number;
+const SEEK_END = 2;
+
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+export function fallocate(fd: number, mode: number, offset: number, length: number): void {
+  if (sysFallocate(fd, mode, offset, length) < 0) throw lastError('fallocate');
+}
+
+/** Size in bytes of a regular file or a block device (fstat reports 0 for the latter; lseek does not). */
+export function fileSize(fd: number): number {
+  const n = sysLseek(fd, 0, SEEK_END);
+  if (n < 0) throw lastError('lseek');
+  return n;
+}
