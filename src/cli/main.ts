@@ -1,7 +1,8 @@
 /**
  * vhost-ts command line: one subcommand per device, each a vhost-user backend program, plus tools.
  */
-import { parseArgs } from 'node:util';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { blkDevice } from '../devices/blk/index.js';
 import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer, type VhostUserDevice } from '../vhost/index.js';
 import { setupMain } from '../../harness/setup.js';
@@ -12,6 +13,7 @@ const usage = `usage: vhost-ts <command> [options]
 
 devices (vhost-user backends):
   rng        virtio-rng: random numbers for the guest (QEMU: -device vhost-user-rng-pci)
+  blk        virtio-blk: a raw image or block device (QEMU: -device vhost-user-blk-pci; libblkio)
 
 tools:
   setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
@@ -22,10 +24,15 @@ ${backendUsage}
 
 Run 'vhost-ts <command> --help' for a command's own options.`;
 
+type Values = Record<string, string | boolean | undefined>;
+
 interface DeviceCommand {
   summary: string;
+  /** Device options beyond the common ones, for parseArgs. */
+  options?: NonNullable<ParseArgsConfig['options']>;
+  optionsUsage?: string;
   capabilities: { type: string; features?: string[] };
-  create(): VhostUserDevice;
+  create(values: Values): VhostUserDevice;
 }
 
 const devices: Record<string, DeviceCommand> = {
@@ -34,7 +41,44 @@ const devices: Record<string, DeviceCommand> = {
     capabilities: { type: 'rng' },
     create: () => rngDevice(),
   },
+  blk: {
+    summary: 'vhost-ts blk (--socket-path PATH | --fd N | --connect PATH) --image FILE [options]',
+    options: {
+      image: { type: 'string' },
+      readonly: { type: 'boolean' },
+      direct: { type: 'boolean' },
+      'num-queues': { type: 'string' },
+      serial: { type: 'string' },
+      engine: { type: 'string' },
+    },
+    optionsUsage: `  --image FILE            raw image file or block device (required)
+  --readonly              refuse writes (the guest sees a read-only disk)
+  --direct                O_DIRECT: bypass the host page cache
+  --num-queues N          request queues, one worker thread each (default 1)
+  --serial ID             the disk's serial number (GET_ID), at most 20 bytes
+  --engine uring|sync     io_uring (default where the kernel allows) or preadv/pwritev`,
+    capabilities: { type: 'blk', features: ['read-only', 'blk-file', 'num-queues'] },
+    create: (v) => {
+      if (typeof v.image !== 'string') throw new UsageError('blk needs --image FILE');
+      const engine = v.engine ?? 'auto';
+      if (engine !== 'auto' && engine !== 'uring' && engine !== 'sync') throw new UsageError('--engine takes uring or sync');
+      return blkDevice({
+        path: v.image,
+        readonly: v.readonly === true,
+        direct: v.direct === true,
+        numQueues: v['num-queues'] === undefined ? 1 : wholeNumber(String(v['num-queues']), '--num-queues'),
+        ...(typeof v.serial === 'string' ? { serial: v.serial } : {}),
+        engine,
+      });
+    },
+  },
 };
+
+function wholeNumber(text: string, flag: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1) throw new UsageError(`${flag} takes a positive whole number, not "${text}"`);
+  return n;
+}
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -46,16 +90,16 @@ async function main(argv: string[]): Promise<number> {
   if (command === 'vm') return vmMain(rest);
   const dev = devices[command];
   if (!dev) throw new UsageError(`unknown command "${command}"`);
-  const { values } = parseArgs({ args: rest, options: backendOptions, strict: true });
+  const { values } = parseArgs({ args: rest, options: { ...backendOptions, ...dev.options }, strict: true });
   if (values.help) {
-    console.log(`usage: ${dev.summary}\n\n${backendUsage}`);
+    console.log(`usage: ${dev.summary}\n\n${backendUsage}${dev.optionsUsage ? `\n${dev.optionsUsage}` : ''}`);
     return 0;
   }
   if (values['print-capabilities']) {
     console.log(JSON.stringify(dev.capabilities));
     return 0;
   }
-  const server = await VhostUserServer.start(dev.create(), serveOptionsOf(values));
+  const server = await VhostUserServer.start(dev.create(values as Values), serveOptionsOf(values));
   await new Promise<void>((resolve) => {
     const stop = () => void server.close().then(resolve);
     process.once('SIGINT', stop);

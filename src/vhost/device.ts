@@ -108,7 +108,12 @@ export interface QueueHandler {
    * queue is empty. Throwing marks the queue broken (the frontend is told through the error eventfd).
    */
   process(queue: SplitQueue): void;
-  /** The queue is stopping (GET_VRING_BASE, reset, disconnect): finish or drop what is in flight. */
+  /**
+   * Complete every chain in flight before returning (block on your I/O). Called before the memory table changes:
+   * chains popped earlier point into mappings that are about to go away.
+   */
+  drain?(queue: SplitQueue): void;
+  /** The queue is stopping (GET_VRING_BASE, reset, disconnect), after drain(): release what you hold. */
   stop?(queue: SplitQueue): void;
 }
 

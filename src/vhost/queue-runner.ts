@@ -127,6 +127,8 @@ export class QueueRunner {
     const memory = guestMemoryOf(regions);
     for (const [index, rq] of this.queues) {
       try {
+        rq.handler.drain?.(rq.queue);
+        this.publish(rq);
         rq.queue.setMemory(memory);
       } catch (e) {
         // Its rings are gone from the new table. The queue still holds views of the old mappings, which the
@@ -181,6 +183,7 @@ export class QueueRunner {
     }
     this.queues.delete(index);
     try {
+      rq.handler.drain?.(rq.queue);
       rq.handler.stop?.(rq.queue);
       this.publish(rq);
     } catch (e) {

@@ -1,0 +1,221 @@
+/**
+ * virtio-blk (virtio 1.2 §5.2): a raw image file or block device served to QEMU's vhost-user-blk-pci and to
+ * libblkio clients. Data moves straight between the file and guest memory (iovecs into the mapping), through
+ * io_uring where the kernel allows it and preadv/pwritev otherwise; FLUSH is fdatasync before the status byte.
+ *
+ * @example
+ * ```ts
+ * import { VhostUserServer } from 'vhost-ts';
+ * import { blkDevice } from 'vhost-ts/devices/blk';
+ * await VhostUserServer.start(blkDevice({ path: 'disk.img', numQueues: 2 }), { socketPath: '/tmp/blk.sock' });
+ * ```
+ */
+import { bit, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
+import type { DescriptorChain, SplitQueue } from '../../virtqueue/index.js';
+import { DiskFile, probeDisk } from './disk.js';
+import { SyncEngine, type BlockEngine } from './engine.js';
+import { createUringEngine } from './engine-uring.js';
+import { BlkRequest, parseRequest, writeStatus, type DiskLimits } from './request.js';
+import {
+  CONFIG,
+  CONFIG_SIZE,
+  encodeConfig,
+  VIRTIO_BLK_F_BLK_SIZE,
+  VIRTIO_BLK_F_CONFIG_WCE,
+  VIRTIO_BLK_F_DISCARD,
+  VIRTIO_BLK_F_FLUSH,
+  VIRTIO_BLK_F_MQ,
+  VIRTIO_BLK_F_RO,
+  VIRTIO_BLK_F_SEG_MAX,
+  VIRTIO_BLK_F_SIZE_MAX,
+  VIRTIO_BLK_F_TOPOLOGY,
+  VIRTIO_BLK_F_WRITE_ZEROES,
+  VIRTIO_BLK_ID_BYTES,
+  VIRTIO_BLK_T_GET_ID,
+  VIRTIO_ID_BLOCK,
+} from './spec.js';
+
+export interface BlkOptions {
+  /** Raw image file or block device. */
+  path: string;
+  readonly?: boolean;
+  /** O_DIRECT: bypass the host page cache. */
+  direct?: boolean;
+  /** Request queues (default 1); each gets its own worker. */
+  numQueues?: number;
+  /** GET_ID answer, at most 20 bytes (default: none, an empty id). */
+  serial?: string;
+  /** 'uring' (default where available) or 'sync' (preadv/pwritev). */
+  engine?: 'auto' | 'uring' | 'sync';
+  queueSize?: number;
+}
+
+/** What each queue worker gets (structured-cloneable). */
+export interface BlkQueueOptions {
+  path: string;
+  readonly: boolean;
+  direct: boolean;
+  serial: Uint8Array;
+  engine: 'auto' | 'uring' | 'sync';
+  limits: Omit<DiskLimits, 'discard' | 'writeZeroes'>;
+  /** [0] write cache on (1) or off (0), set by the driver through the config space; shared with the control half. */
+  writeback: SharedArrayBuffer;
+  /** Per queue: [requests, bytes read, bytes written, refused, errors]. */
+  stats: SharedArrayBuffer;
+}
+
+const SEG_MAX = 254; // leaves room for header and status within a 256-entry indirect table
+const MAX_DISCARD_SEG = 32;
+const MAX_DISCARD_SECTORS = 0x3fffff; // 2 GiB per range
+const STATS = 5;
+
+export interface BlkStats {
+  requests: number;
+  bytesRead: number;
+  bytesWritten: number;
+  refused: number;
+  errors: number;
+}
+
+export interface BlkDevice extends VhostUserDevice<BlkQueueOptions> {
+  stats(): BlkStats;
+}
+
+export function blkDevice(opts: BlkOptions): BlkDevice {
+  const readonly = opts.readonly ?? false;
+  const direct = opts.direct ?? false;
+  const numQueues = opts.numQueues ?? 1;
+  if (!Number.isInteger(numQueues) || numQueues < 1 || numQueues > 64) throw new RangeError(`num-queues ${numQueues}: 1 to 64`);
+  const serial = new TextEncoder().encode(opts.serial ?? '');
+  if (serial.length > VIRTIO_BLK_ID_BYTES) throw new RangeError(`serial "${opts.serial}" is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
+  const capacitySectors = probeDisk({ path: opts.path, readonly, direct });
+  const writeback = new SharedArrayBuffer(4);
+  new Int32Array(writeback)[0] = 1;
+  const stats = new SharedArrayBuffer(8 * STATS * numQueues);
+  const limits = { capacitySectors, readonly, segMax: SEG_MAX, maxDiscardSectors: MAX_DISCARD_SECTORS, maxDiscardSeg: MAX_DISCARD_SEG };
+  let features =
+    bit(VIRTIO_BLK_F_SIZE_MAX) |
+    bit(VIRTIO_BLK_F_SEG_MAX) |
+    bit(VIRTIO_BLK_F_BLK_SIZE) |
+    bit(VIRTIO_BLK_F_TOPOLOGY) |
+    bit(VIRTIO_BLK_F_FLUSH) |
+    bit(VIRTIO_BLK_F_CONFIG_WCE) |
+    bit(VIRTIO_BLK_F_MQ);
+  if (readonly) features |= bit(VIRTIO_BLK_F_RO);
+  else features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+  const config = () =>
+    encodeConfig({
+      capacitySectors,
+      blockSize: 512,
+      numQueues,
+      segMax: SEG_MAX,
+      sizeMax: 1 << 20,
+      maxDiscardSectors: MAX_DISCARD_SECTORS,
+      maxDiscardSeg: MAX_DISCARD_SEG,
+      writeback: Atomics.load(new Int32Array(writeback), 0) === 1,
+    });
+  return {
+    name: 'blk',
+    deviceId: VIRTIO_ID_BLOCK,
+    numQueues,
+    maxQueueSize: opts.queueSize ?? 1024,
+    features,
+    configSize: CONFIG_SIZE,
+    readConfig: (offset, length) => config().slice(offset, offset + length),
+    writeConfig: (offset, data) => {
+      // Only the writeback byte is writable (CONFIG_WCE); other writes are ignored as the spec allows.
+      if (offset <= CONFIG.writeback && offset + data.length > CONFIG.writeback) {
+        Atomics.store(new Int32Array(writeback), 0, data[CONFIG.writeback - offset] ? 1 : 0);
+      }
+    },
+    reset: () => Atomics.store(new Int32Array(writeback), 0, 1),
+    dataPlane: {
+      module: new URL(import.meta.url),
+      options: { path: opts.path, readonly, direct, serial, engine: opts.engine ?? 'auto', limits, writeback, stats },
+    },
+    stats: () => {
+      const s = new Float64Array(stats);
+      const sum = (k: number) => Array.from({ length: numQueues }, (_, q) => s[q * STATS + k]).reduce((a, b) => a + b, 0);
+      return { requests: sum(0), bytesRead: sum(1), bytesWritten: sum(2), refused: sum(3), errors: sum(4) };
+    },
+  };
+}
+
+/** The data half: one per queue, in that queue's worker. */
+export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHandler {
+  const o = ctx.options;
+  const disk = new DiskFile({ path: o.path, readonly: o.readonly, direct: o.direct });
+  const features = ctx.features;
+  const limits: DiskLimits = {
+    ...o.limits,
+    discard: (features & bit(VIRTIO_BLK_F_DISCARD)) !== 0n,
+    writeZeroes: (features & bit(VIRTIO_BLK_F_WRITE_ZEROES)) !== 0n,
+  };
+  const writeback = new Int32Array(o.writeback);
+  const stats = new Float64Array(o.stats, 8 * STATS * ctx.queueIndex, STATS);
+  const free: BlkRequest[] = [];
+  let queue: SplitQueue | null = null;
+  let waitingForRoom = false;
+
+  const complete = (req: BlkRequest) => {
+    writeStatus(req);
+    if (req.status !== 0) stats[4]++;
+    queue!.push(req.chain!, req.written);
+    req.chain = null;
+    free.push(req);
+  };
+  const hooks = { complete, writeThrough: () => Atomics.load(writeback, 0) === 0 };
+  const engine: BlockEngine =
+    (o.engine !== 'sync' && createUringEngine(disk, hooks, 256, o.engine === 'uring', () => {
+      ctx.publish();
+      if (waitingForRoom) {
+        waitingForRoom = false;
+        ctx.resume();
+      }
+    }, ctx.watch)) || new SyncEngine(disk, hooks);
+
+  const serve = (chain: DescriptorChain) => {
+    const req = free.pop() ?? new BlkRequest(SEG_MAX, MAX_DISCARD_SEG);
+    stats[0]++;
+    const refusal = parseRequest(chain, req, limits);
+    if (refusal !== null) {
+      stats[3]++;
+      complete(req);
+      return;
+    }
+    if (req.type === VIRTIO_BLK_T_GET_ID) {
+      // Up to 20 bytes, zero-padded (not terminated when all 20 are used); never the status byte.
+      const n = Math.min(VIRTIO_BLK_ID_BYTES, req.dataBytes);
+      const w = chain.writer();
+      w.write(o.serial.subarray(0, n));
+      w.fill(0, n - Math.min(o.serial.length, n));
+      req.written = n + 1;
+      complete(req);
+      return;
+    }
+    if (req.type === 0) stats[1] += req.dataBytes;
+    else if (req.type === 1) stats[2] += req.dataBytes;
+    engine.submit(req);
+  };
+
+  return {
+    process(q) {
+      queue = q;
+      while (engine.hasRoom) {
+        const chain = q.pop();
+        if (chain === null) break;
+        serve(chain);
+      }
+      if (!engine.hasRoom) waitingForRoom = true;
+      engine.flush();
+    },
+    drain() {
+      engine.drain();
+    },
+    stop() {
+      engine.drain();
+      engine.close();
+      disk.close();
+    },
+  };
+}
