@@ -29,3 +29,4 @@ export {
   FALLOC_FL_ZERO_RANGE,
 } from './io.js';
 export { watchReadable, type FdWatch } from './poll.js';
+export { IoUring } from './io-uring.js';
