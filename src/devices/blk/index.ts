@@ -78,7 +78,10 @@ export interface BlkStats {
 }
 
 export interface BlkDevice extends VhostUserDevice<BlkQueueOptions> {
+  /** Totals over all queues since the device was created. */
   stats(): BlkStats;
+  /** Per request queue. */
+  queueStats(): BlkStats[];
 }
 
 export function blkDevice(opts: BlkOptions): BlkDevice {
@@ -133,10 +136,21 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
       module: new URL(import.meta.url),
       options: { path: opts.path, readonly, direct, serial, engine: opts.engine ?? 'auto', limits, writeback, stats },
     },
-    stats: () => {
+    stats() {
+      return this.queueStats().reduce((a, b) => ({
+        requests: a.requests + b.requests,
+        bytesRead: a.bytesRead + b.bytesRead,
+        bytesWritten: a.bytesWritten + b.bytesWritten,
+        refused: a.refused + b.refused,
+        errors: a.errors + b.errors,
+      }));
+    },
+    queueStats: () => {
       const s = new Float64Array(stats);
-      const sum = (k: number) => Array.from({ length: numQueues }, (_, q) => s[q * STATS + k]).reduce((a, b) => a + b, 0);
-      return { requests: sum(0), bytesRead: sum(1), bytesWritten: sum(2), refused: sum(3), errors: sum(4) };
+      return Array.from({ length: numQueues }, (_, q) => {
+        const o = q * STATS;
+        return { requests: s[o], bytesRead: s[o + 1], bytesWritten: s[o + 2], refused: s[o + 3], errors: s[o + 4] };
+      });
     },
   };
 }
