@@ -141,6 +141,8 @@ export class QueueRunner {
     }
     this.memory = memory;
     this.regions = regions;
+    // Chains the handlers declined while draining are served against the new table.
+    for (const index of this.queues.keys()) this.kick(index);
   }
 
   private start(c: QueueStartConfig): void {

@@ -42,7 +42,8 @@ function rangeSeg(sector: number, sectors: number, flags: number): Uint8Array {
   return b;
 }
 
-describe('blk requests', () => {
+for (const engine of ['sync', 'uring'] as const)
+describe(`blk requests (${engine} engine)`, () => {
   let dir: string;
   let image: string;
   let server: VhostUserServer;
@@ -51,7 +52,7 @@ describe('blk requests', () => {
   let dev: BlkDevice;
 
   async function start(opts: Partial<BlkOptions> = {}) {
-    dev = blkDevice({ path: image, serial: 'vhost-ts-disk-01', engine: 'sync', ...opts });
+    dev = blkDevice({ path: image, serial: 'vhost-ts-disk-01', engine, ...opts });
     server = await VhostUserServer.start(dev, { socketPath: join(dir, 'blk.sock'), log: quiet });
     fe = await VhostUserFrontend.connect(join(dir, 'blk.sock'));
     [q] = await fe.start({ queues: [{ index: 0, size: 256 }] });

@@ -180,13 +180,23 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
   };
   const hooks = { complete, writeThrough: () => Atomics.load(writeback, 0) === 0 };
   const engine: BlockEngine =
-    (o.engine !== 'sync' && createUringEngine(disk, hooks, 256, o.engine === 'uring', () => {
-      ctx.publish();
-      if (waitingForRoom) {
-        waitingForRoom = false;
-        ctx.resume();
-      }
-    }, ctx.watch)) || new SyncEngine(disk, hooks);
+    (o.engine !== 'sync' &&
+      createUringEngine(
+        disk,
+        hooks,
+        256,
+        o.engine === 'uring',
+        () => {
+          ctx.publish();
+          if (waitingForRoom) {
+            waitingForRoom = false;
+            ctx.resume();
+          }
+        },
+        ctx.watch,
+        MAX_DISCARD_SEG,
+      )) ||
+    new SyncEngine(disk, hooks);
 
   const serve = (chain: DescriptorChain) => {
     const req = free.pop() ?? new BlkRequest(SEG_MAX, MAX_DISCARD_SEG);
