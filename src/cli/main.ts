@@ -17,7 +17,7 @@ devices (vhost-user backends):
 
 tools:
   setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
-  vm         boot the test guest with vhost-ts devices attached (--rng, --script FILE, --shell)
+  vm         boot the test guest with vhost-ts devices attached (--rng, --blk IMAGE, --script FILE, --shell)
 
 common device options:
 ${backendUsage}

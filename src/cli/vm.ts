@@ -12,14 +12,16 @@ import { machineArgs, type VhostUserDevice as QemuDevice } from '../../harness/q
 import { qemuCommand } from '../../harness/qemu-install.js';
 import { ensureSetup } from '../../harness/setup.js';
 import { runGuest } from '../../harness/vm.js';
+import { blkDevice } from '../devices/blk/index.js';
 import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer } from '../vhost/index.js';
 import { UsageError } from './backend-options.js';
 
-export const vmUsage = `usage: vhost-ts vm [--rng] [--script FILE | --shell] [--accel kvm|tcg] [--memory MiB] [--timeout SECONDS]
+export const vmUsage = `usage: vhost-ts vm [--rng] [--blk IMAGE] [--script FILE | --shell] [--accel kvm|tcg] [--memory MiB] [--timeout SECONDS]
 
 Boots the test guest (built by 'vhost-ts setup') with the chosen vhost-ts devices served by this process.
   --rng              attach virtio-rng (vhost-user-rng-pci); the guest sees /dev/hwrng
+  --blk IMAGE        attach IMAGE as virtio-blk (vhost-user-blk-pci, 2 queues); the guest sees /dev/vda
   --script FILE      run FILE (busybox sh) in the guest; its 'RESULT ...' lines and exit code come back
   --shell            an interactive shell on the serial console instead (leave with 'poweroff -f')
   --accel kvm|tcg    force the accelerator (default: KVM where it can boot a stock kernel, else TCG)
@@ -27,6 +29,7 @@ Boots the test guest (built by 'vhost-ts setup') with the chosen vhost-ts device
   --timeout SECONDS  bound on a script run (default 300)`;
 
 const DEFAULT_SCRIPT = `echo "devices: $(ls /sys/bus/virtio/devices | tr '\\n' ' ')"
+[ -e /dev/vda ] && echo "RESULT vda $(cat /sys/block/vda/size) sectors, $(ls /sys/block/vda/mq | wc -l) queues"
 [ -e /dev/hwrng ] && echo "RESULT hwrng $(cat /sys/class/misc/hw_random/rng_current) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')"
 true`;
 
@@ -36,6 +39,7 @@ export async function vmMain(argv: string[]): Promise<number> {
     strict: true,
     options: {
       rng: { type: 'boolean' },
+      blk: { type: 'string' },
       script: { type: 'string' },
       shell: { type: 'boolean' },
       accel: { type: 'string' },
@@ -64,6 +68,11 @@ export async function vmMain(argv: string[]): Promise<number> {
       const socket = join(dir, 'rng.sock');
       servers.push(await VhostUserServer.start(rngDevice(), { socketPath: socket }));
       devices.push({ kind: 'rng', socket });
+    }
+    if (values.blk !== undefined) {
+      const socket = join(dir, 'blk.sock');
+      servers.push(await VhostUserServer.start(blkDevice({ path: values.blk, numQueues: 2 }), { socketPath: socket }));
+      devices.push({ kind: 'blk', socket, numQueues: 2 });
     }
     if (values.shell) return await shell(setup, devices, memoryMiB, accel);
     const run = await runGuest({

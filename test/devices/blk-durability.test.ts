@@ -46,7 +46,7 @@ describe('blk durability', () => {
         for (let k = 0; k < 8; k++) q.add({ readable: [header(VIRTIO_BLK_T_OUT, 256 + k * 128), pattern], writable: [1] });
         q.kick();
         const writes = await q.waitForUsed(8);
-        for (const w of writes) expect(q.written(w.chain, 1)[0]).toBe(VIRTIO_BLK_S_OK);
+        for (const w of writes) expect(q.written(w.chain!, 1)[0]).toBe(VIRTIO_BLK_S_OK);
         const flush = q.add({ readable: [header(VIRTIO_BLK_T_FLUSH, 0)], writable: [1] });
         q.kick();
         await q.waitForUsed(1);
