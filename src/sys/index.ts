@@ -30,3 +30,24 @@ export {
 } from './io.js';
 export { watchReadable, type FdWatch } from './poll.js';
 export { IoUring } from './io-uring.js';
+export {
+  openTap,
+  tapInfo,
+  setTapOffload,
+  setTapLinkUp,
+  readv,
+  writev,
+  TAP_VNET_HDR_BYTES,
+  IFF_TAP,
+  IFF_NO_PI,
+  IFF_VNET_HDR,
+  IFF_MULTI_QUEUE,
+  TUN_F_CSUM,
+  TUN_F_TSO4,
+  TUN_F_TSO6,
+  TUN_F_TSO_ECN,
+  TUN_F_UFO,
+  type Tap,
+  type TapOptions,
+  type TapInfo,
+} from './tap.js';
