@@ -77,7 +77,12 @@ class UringEngine implements BlockEngine {
   }
 
   flush(): void {
-    if (this.ring.unsubmitted > 0) this.ring.submit();
+    if (this.ring.unsubmitted === 0) return;
+    this.ring.submit();
+    // Page-cache hits complete inside io_uring_enter: reap them now, so they are published with this batch
+    // instead of after another trip through epoll and a second notification.
+    this.ring.reap(this.onCompletion);
+    if (this.ring.unsubmitted > 0) this.ring.submit(); // follow-up fdatasyncs
   }
 
   drain(): void {
