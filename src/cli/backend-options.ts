@@ -3,10 +3,10 @@
  * --socket-path, --fd, --print-capabilities; plus --connect for client mode.
  */
 import type { ParseArgsConfig } from 'node:util';
-import type { ServeOptions } from '../vhost/index.js';
+import type { ServeOptions, VhostUserDevice } from '../vhost/index.js';
 
 export const backendOptions = {
-  'socket-path': { type: 'string' },
+  'socket-path': { type: 'string', multiple: true },
   fd: { type: 'string' },
   connect: { type: 'string' },
   'print-capabilities': { type: 'boolean' },
@@ -22,15 +22,44 @@ export class UsageError extends Error {
   override readonly name = 'UsageError';
 }
 
-/** Where to serve, from the parsed options; exactly one of the three. */
-export function serveOptionsOf(values: { 'socket-path'?: string; fd?: string; connect?: string }): ServeOptions {
+/**
+ * Where to serve, from the parsed options: exactly one of the three, one endpoint per device. Only devices that
+ * serve several ports from one process (net on a switch) take --socket-path more than once.
+ */
+export function serveOptionsOf(values: { 'socket-path'?: string[]; fd?: string; connect?: string }, count = 1): ServeOptions[] {
   const given = [values['socket-path'], values.fd, values.connect].filter((v) => v !== undefined);
   if (given.length !== 1) throw new UsageError('give exactly one of --socket-path, --fd or --connect');
+  const paths = values['socket-path'];
+  if (paths !== undefined) {
+    if (paths.length !== count) {
+      throw new UsageError(count === 1 ? 'give --socket-path once' : `give --socket-path once per port (${count})`);
+    }
+    return paths.map((socketPath) => ({ socketPath }));
+  }
+  if (count !== 1) throw new UsageError('several ports need one --socket-path each');
   if (values.fd !== undefined) {
     const fd = Number(values.fd);
     if (!Number.isInteger(fd) || fd < 0) throw new UsageError(`--fd takes a file descriptor number, not "${values.fd}"`);
-    return { fd };
+    return [{ fd }];
   }
-  if (values.connect !== undefined) return { connectPath: values.connect };
-  return { socketPath: values['socket-path'] };
+  return [{ connectPath: values.connect! }];
+}
+
+export type Values = Record<string, string | boolean | string[] | undefined>;
+
+export interface DeviceCommand {
+  summary: string;
+  /** Device options beyond the common ones, for parseArgs. */
+  options?: NonNullable<ParseArgsConfig['options']>;
+  optionsUsage?: string;
+  capabilities: { type: string; features?: string[] };
+  /** One device, or several (ports of one switch), each served on its own --socket-path. */
+  create(values: Values): VhostUserDevice | VhostUserDevice[];
+}
+
+
+export function wholeNumber(text: string, flag: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1) throw new UsageError(`${flag} takes a positive whole number, not "${text}"`);
+  return n;
 }

@@ -1,12 +1,13 @@
 /**
  * vhost-ts command line: one subcommand per device, each a vhost-user backend program, plus tools.
  */
-import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { parseArgs } from 'node:util';
 import { blkDevice } from '../devices/blk/index.js';
+import { netCommand } from './net.js';
 import { rngDevice } from '../devices/rng/index.js';
-import { VhostUserServer, type VhostUserDevice } from '../vhost/index.js';
+import { VhostUserServer } from '../vhost/index.js';
 import { setupMain } from '../../harness/setup.js';
-import { backendOptions, backendUsage, serveOptionsOf, UsageError } from './backend-options.js';
+import { backendOptions, backendUsage, serveOptionsOf, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
 import { vmMain } from './vm.js';
 
 const usage = `usage: vhost-ts <command> [options]
@@ -14,6 +15,7 @@ const usage = `usage: vhost-ts <command> [options]
 devices (vhost-user backends):
   rng        virtio-rng: random numbers for the guest (QEMU: -device vhost-user-rng-pci)
   blk        virtio-blk: a raw image or block device (QEMU: -device vhost-user-blk-pci; libblkio)
+  net        virtio-net: tap, built-in switch, or sink/source for benchmarks (QEMU: -netdev vhost-user)
 
 tools:
   setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
@@ -23,17 +25,6 @@ common device options:
 ${backendUsage}
 
 Run 'vhost-ts <command> --help' for a command's own options.`;
-
-type Values = Record<string, string | boolean | undefined>;
-
-interface DeviceCommand {
-  summary: string;
-  /** Device options beyond the common ones, for parseArgs. */
-  options?: NonNullable<ParseArgsConfig['options']>;
-  optionsUsage?: string;
-  capabilities: { type: string; features?: string[] };
-  create(values: Values): VhostUserDevice;
-}
 
 const devices: Record<string, DeviceCommand> = {
   rng: {
@@ -74,11 +65,8 @@ const devices: Record<string, DeviceCommand> = {
   },
 };
 
-function wholeNumber(text: string, flag: string): number {
-  const n = Number(text);
-  if (!Number.isInteger(n) || n < 1) throw new UsageError(`${flag} takes a positive whole number, not "${text}"`);
-  return n;
-}
+devices.net = netCommand;
+
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -99,12 +87,23 @@ async function main(argv: string[]): Promise<number> {
     console.log(JSON.stringify(dev.capabilities));
     return 0;
   }
-  const server = await VhostUserServer.start(dev.create(values as Values), serveOptionsOf(values));
+  const created = dev.create(values as Values);
+  const list = Array.isArray(created) ? created : [created];
+  const where = serveOptionsOf(values, list.length);
+  const servers: VhostUserServer[] = [];
+  try {
+    for (let i = 0; i < list.length; i++) servers.push(await VhostUserServer.start(list[i], where[i]));
+  } catch (e) {
+    for (const s of servers) await s.close();
+    throw e;
+  }
   await new Promise<void>((resolve) => {
-    const stop = () => void server.close().then(resolve);
+    const stop = () => void Promise.all(servers.map((s) => s.close())).then(() => resolve());
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
-    server.once('closed', resolve);
+    // An inherited connected fd serves one frontend: when every server is done, so is the program.
+    let open = servers.length;
+    for (const s of servers) s.once('closed', () => --open === 0 && resolve());
   });
   return 0;
 }

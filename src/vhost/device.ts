@@ -73,6 +73,10 @@ export interface VhostUserDevice<O = unknown> {
   /** Device-specific virtio feature bits (the framework adds VERSION_1, EVENT_IDX, INDIRECT_DESC, ANY_LAYOUT). */
   readonly features: bigint;
   readonly dataPlane: DataPlane<O>;
+  /** vhost-user protocol features the device adds to the framework's (e.g. RARP for net). */
+  readonly protocolFeatures?: bigint;
+  /** SEND_RARP (protocol feature RARP): after migration, announce the guest's MAC to the network. */
+  sendRarp?(mac: Uint8Array): void;
   /** Config space size in bytes; with it the framework offers the CONFIG protocol feature. */
   readonly configSize?: number;
   /** Read config space (GET_CONFIG). */
@@ -88,6 +92,8 @@ export interface VhostUserDevice<O = unknown> {
 /** What a queue handler gets when it is created (in the thread that will run it). */
 export interface QueueContext<O = unknown> {
   readonly queueIndex: number;
+  /** The queue this handler serves (the same object `process` gets), e.g. to fill it from another source. */
+  readonly queue: SplitQueue;
   readonly options: O;
   /** Features the driver accepted (control path only; read once, not per chain). */
   readonly features: bigint;

@@ -162,6 +162,7 @@ export class QueueRunner {
     const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled };
     const ctx: QueueContext = {
       queueIndex: c.index,
+      queue,
       options: this.options,
       features: c.features,
       publish: () => this.publish(rq),

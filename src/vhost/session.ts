@@ -92,7 +92,7 @@ export class BackendSession {
       pf(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
       pf(ProtocolFeature.STATUS);
     if (this.device.configSize !== undefined && this.device.readConfig) f |= pf(ProtocolFeature.CONFIG);
-    return f;
+    return f | (this.device.protocolFeatures ?? 0n);
   }
 
   /** Handle one message from the connection; throws (and the caller closes the connection) on fatal errors. */
@@ -263,6 +263,10 @@ export class BackendSession {
         this.status = m.status & 0xff;
       },
       GET_STATUS: () => ({ kind: 'u64', value: this.status }),
+      SEND_RARP: (m) => {
+        if (!this.device.sendRarp || !this.has(ProtocolFeature.RARP)) throw new RequestFailed('SEND_RARP without the RARP protocol feature');
+        this.device.sendRarp(m.mac);
+      },
     };
   }
 

@@ -1,0 +1,229 @@
+/**
+ * Moving frames in and out of a virtio-net device's queues. A transmitted chain is a 12-byte virtio-net header
+ * then the frame; a received frame goes into one receive chain, or across several with MRG_RXBUF (num_buffers in
+ * the first header). Frames are copied at most once: straight from their source (another guest's transmit chain,
+ * a tap read, a generator) into the receive chains.
+ */
+import type { DescriptorChain, SplitQueue } from '../../virtqueue/index.js';
+import { ETH_HEADER, MAX_FRAME, NET_HDR_NUM_BUFFERS, NET_HDR_SIZE, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE } from './spec.js';
+
+/** Where a frame's bytes come from: a chain's readable part (after its header) or a plain byte array. */
+export interface FrameSource {
+  length: number;
+  /** Copy `n` frame bytes starting at frame offset `from` into dst at `at`. */
+  copyTo(dst: Uint8Array, at: number, from: number, n: number): void;
+  /** Frame byte at `i` (for checksums and filtering). */
+  byteAt(i: number): number;
+}
+
+/** A transmit chain's frame, read in place (no copy until it lands in a receive chain). */
+export class ChainFrame implements FrameSource {
+  chain!: DescriptorChain;
+  length = 0;
+  /** The sender's virtio-net header (offload instructions for the receiver). */
+  readonly header = new Uint8Array(NET_HDR_SIZE);
+  private seg = 0;
+  private segStart = 0; // frame offset of segment `seg`'s first frame byte
+  private segSkip = 0; // bytes of segment `seg` before the frame (header bytes)
+
+  /** Point at `chain`; returns false when it cannot be a frame (shorter than a header + Ethernet header, or over MAX_FRAME). */
+  reset(chain: DescriptorChain): boolean {
+    this.chain = chain;
+    this.length = chain.readableBytes - NET_HDR_SIZE;
+    if (this.length < ETH_HEADER || this.length > MAX_FRAME) return false;
+    chain.reader().read(this.header);
+    this.rewind();
+    return true;
+  }
+
+  copyTo(dst: Uint8Array, at: number, from: number, n: number): void {
+    this.seek(from);
+    const c = this.chain;
+    while (n > 0) {
+      const segOff = this.segSkip + (from - this.segStart);
+      const avail = c.segLength[this.seg] - segOff;
+      const take = n < avail ? n : avail;
+      const start = c.segOffset[this.seg] + segOff;
+      dst.set(c.memory.buffers[c.segBuffer[this.seg]].subarray(start, start + take), at);
+      at += take;
+      from += take;
+      n -= take;
+      if (n > 0) this.next();
+    }
+  }
+
+  byteAt(i: number): number {
+    this.seek(i);
+    const c = this.chain;
+    return c.memory.buffers[c.segBuffer[this.seg]][c.segOffset[this.seg] + this.segSkip + (i - this.segStart)];
+  }
+
+  private rewind(): void {
+    // Skip the header, which may span segments.
+    let skip = NET_HDR_SIZE;
+    this.seg = 0;
+    while (skip >= this.chain.segLength[this.seg]) skip -= this.chain.segLength[this.seg++];
+    this.segSkip = skip;
+    this.segStart = 0;
+  }
+
+  private next(): void {
+    this.segStart += this.chain.segLength[this.seg] - this.segSkip;
+    this.seg++;
+    this.segSkip = 0;
+  }
+
+  private seek(i: number): void {
+    if (i < this.segStart) this.rewind();
+    while (i >= this.segStart + this.chain.segLength[this.seg] - this.segSkip) this.next();
+  }
+}
+
+/** Frame bytes in a plain array (generated frames, tap reads). */
+export class BytesFrame implements FrameSource {
+  bytes: Uint8Array = new Uint8Array(0);
+  length = 0;
+  set(bytes: Uint8Array, length = bytes.length): this {
+    this.bytes = bytes;
+    this.length = length;
+    return this;
+  }
+  copyTo(dst: Uint8Array, at: number, from: number, n: number): void {
+    dst.set(this.bytes.subarray(from, from + n), at);
+  }
+  byteAt(i: number): number {
+    return this.bytes[i];
+  }
+}
+
+export type DeliverResult = 'delivered' | 'no-buffers' | 'too-big';
+
+const ZERO_HEADER = new Uint8Array(NET_HDR_SIZE);
+
+/**
+ * The receive side of one queue. `deliver` puts a frame into the ring or says why not: 'no-buffers' (the driver
+ * has not posted enough; nothing consumed, try again after its next kick) or 'too-big' (it can never fit: drop it).
+ */
+export class RxQueue {
+  private readonly popped: DescriptorChain[] = [];
+  private readonly used: number[] = [];
+
+  constructor(
+    readonly queue: SplitQueue,
+    /** MRG_RXBUF negotiated: a frame may span receive chains. */
+    private readonly mergeable: boolean,
+    /** GUEST_CSUM negotiated: partial checksums may be left for the guest. */
+    private readonly guestCsum: boolean,
+    /** GUEST_TSO4/6 negotiated: GSO frames may be passed up whole. */
+    private readonly guestGso: boolean,
+  ) {}
+
+  /**
+   * Copy a frame (with the sender's virtio-net header, or none) into receive chains. Call queue.publish (or let
+   * the framework) afterwards; pushes are batched.
+   */
+  deliver(frame: FrameSource, header: Uint8Array | null): DeliverResult {
+    const hdr = header ?? ZERO_HEADER;
+    const gso = hdr[1] !== VIRTIO_NET_HDR_GSO_NONE;
+    if (gso && !this.guestGso) return 'too-big'; // no software segmentation: a GSO frame to a non-GSO guest is dropped
+    const total = NET_HDR_SIZE + frame.length;
+    const q = this.queue;
+    const popped = this.popped;
+    const used = this.used;
+    popped.length = 0;
+    used.length = 0;
+    let left = total;
+    while (left > 0) {
+      const c = q.pop();
+      if (c === null) return this.giveBack('no-buffers');
+      popped.push(c);
+      const room = c.writableBytes;
+      if (room < (popped.length === 1 ? NET_HDR_SIZE : 1)) return this.giveBack('too-big');
+      const take = room < left ? room : left;
+      used.push(take);
+      left -= take;
+      if (left > 0 && !this.mergeable) return this.giveBack('too-big');
+    }
+    // Write: the header (then num_buffers, and a computed checksum where the guest cannot take a partial one), then data.
+    let from = 0;
+    for (let k = 0; k < popped.length; k++) {
+      const c = popped[k];
+      let pos = 0;
+      if (k === 0) {
+        for (let i = 0; i < NET_HDR_SIZE; i++) this.setU8InChain(c, i, hdr[i]);
+        pos = NET_HDR_SIZE;
+      }
+      const n = used[k] - pos;
+      copyIntoChain(c, pos, frame, from, n);
+      from += n;
+    }
+    const first = popped[0];
+    this.setU16InChain(first, NET_HDR_NUM_BUFFERS, popped.length);
+    if (hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM && !this.guestCsum) {
+      this.finishChecksum(first, hdr, frame);
+      this.setU8InChain(first, 0, hdr[0] & ~VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    }
+    for (let k = 0; k < popped.length; k++) q.push(popped[k], used[k]);
+    return 'delivered';
+  }
+
+  private giveBack(why: DeliverResult): DeliverResult {
+    for (let k = this.popped.length - 1; k >= 0; k--) this.queue.unpop(this.popped[k]);
+    this.popped.length = 0;
+    return why;
+  }
+
+  /**
+   * The sender asked for a checksum (csum_start, csum_offset) that this guest will not compute: compute the
+   * Internet checksum over [csum_start, end) of the frame and store it at csum_start + csum_offset.
+   */
+  private finishChecksum(chain: DescriptorChain, hdr: Uint8Array, frame: FrameSource): void {
+    const start = hdr[6] | (hdr[7] << 8);
+    const offset = hdr[8] | (hdr[9] << 8);
+    if (start + offset + 2 > frame.length) return;
+    let sum = 0;
+    const end = frame.length;
+    for (let i = start; i < end; i += 2) {
+      // The checksum field itself holds the pseudo-header sum the sender seeded it with: include it.
+      const hi = frame.byteAt(i);
+      const lo = i + 1 < end ? frame.byteAt(i + 1) : 0;
+      sum += (hi << 8) | lo;
+    }
+    while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+    const csum = ~sum & 0xffff;
+    const at = NET_HDR_SIZE + start + offset;
+    this.setU8InChain(chain, at, csum >>> 8);
+    this.setU8InChain(chain, at + 1, csum & 0xff);
+  }
+
+  private setU16InChain(c: DescriptorChain, pos: number, v: number): void {
+    this.setU8InChain(c, pos, v & 0xff);
+    this.setU8InChain(c, pos + 1, v >>> 8);
+  }
+
+  /** Write one byte at writable offset `pos` of a chain (cold path: headers and checksums). */
+  private setU8InChain(c: DescriptorChain, pos: number, v: number): void {
+    for (let s = c.readableCount; s < c.count; s++) {
+      if (pos < c.segLength[s]) {
+        c.memory.buffers[c.segBuffer[s]][c.segOffset[s] + pos] = v;
+        return;
+      }
+      pos -= c.segLength[s];
+    }
+  }
+}
+
+/** Copy `n` frame bytes from frame offset `from` into a chain's writable part at byte position `pos`. */
+function copyIntoChain(c: DescriptorChain, pos: number, frame: FrameSource, from: number, n: number): void {
+  let s = c.readableCount;
+  while (s < c.count && pos >= c.segLength[s]) pos -= c.segLength[s++];
+  while (n > 0 && s < c.count) {
+    const room = c.segLength[s] - pos;
+    const take = room < n ? room : n;
+    frame.copyTo(c.memory.buffers[c.segBuffer[s]], c.segOffset[s] + pos, from, take);
+    from += take;
+    n -= take;
+    pos = 0;
+    s++;
+  }
+}

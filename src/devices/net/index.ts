@@ -1,0 +1,277 @@
+/**
+ * virtio-net (virtio 1.2 §5.1): frames between a guest and a backend: a host tap interface, a built-in learning
+ * switch shared by several ports, or (for benchmarks) a sink that drops and a source that generates.
+ *
+ * Queues: receiveq/transmitq pairs (rx = 2k, tx = 2k + 1), then the control queue when CTRL_VQ is negotiated.
+ * Each pair runs in its own worker; switch ports run on the main thread, where the switch copies a frame straight
+ * from the sender's transmit chain into the receiver's receive chains (one copy).
+ *
+ * @example
+ * ```ts
+ * import { VhostUserServer } from 'vhost-ts';
+ * import { netDevice } from 'vhost-ts/devices/net';
+ * await VhostUserServer.start(netDevice({ backend: { kind: 'tap', name: 'vts0' } }), { socketPath: '/tmp/net.sock' });
+ * ```
+ */
+import { ProtocolFeature } from '../../vhost/protocol.js';
+import { bit, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
+import type { SplitQueue } from '../../virtqueue/index.js';
+import { handleControl } from './control.js';
+import { ChainFrame, RxQueue } from './datapath.js';
+import { openPort, rarpFrame, type PortBackend, type PortHooks } from './ports.js';
+import {
+  CONFIG_SIZE,
+  encodeConfig,
+  formatMac,
+  randomMac,
+  VIRTIO_ID_NET,
+  VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_CTRL_MAC_ADDR,
+  VIRTIO_NET_F_CTRL_RX,
+  VIRTIO_NET_F_CTRL_VQ,
+  VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_ECN,
+  VIRTIO_NET_F_GUEST_TSO4,
+  VIRTIO_NET_F_GUEST_TSO6,
+  VIRTIO_NET_F_HOST_ECN,
+  VIRTIO_NET_F_HOST_TSO4,
+  VIRTIO_NET_F_HOST_TSO6,
+  VIRTIO_NET_F_MAC,
+  VIRTIO_NET_F_MQ,
+  VIRTIO_NET_F_MRG_RXBUF,
+  VIRTIO_NET_F_MTU,
+  VIRTIO_NET_F_STATUS,
+} from './spec.js';
+
+export type NetBackendSpec =
+  | { kind: 'sink' }
+  | { kind: 'source'; frameSize?: number }
+  | { kind: 'tap'; name: string }
+  | { kind: 'switch'; name: string };
+
+export interface NetOptions {
+  backend: NetBackendSpec;
+  /** Default: a random locally administered address. */
+  mac?: Uint8Array;
+  mtu?: number;
+  /** Queue pairs (default 1). */
+  queuePairs?: number;
+  queueSize?: number;
+}
+
+/** Per pair counters: tx frames, tx bytes, tx dropped, rx frames, rx bytes, rx dropped, sink mismatches. */
+export const NET_STATS = 7;
+export interface NetStats {
+  txFrames: number;
+  txBytes: number;
+  txDropped: number;
+  rxFrames: number;
+  rxBytes: number;
+  rxDropped: number;
+  /** Sink only: frames that differed from the first one (DPDK's txonly sends one template). */
+  sinkMismatches: number;
+}
+
+/** What each queue handler gets (structured-cloneable). */
+export interface NetQueueOptions {
+  instance: string;
+  backend: NetBackendSpec;
+  queuePairs: number;
+  stats: SharedArrayBuffer;
+  /**
+   * Int32 [0] promisc, [1] allmulti, [2] active pairs, [5] RARP announcement pending (a bit per pair);
+   * bytes 12..17 the current MAC (the control queue updates it).
+   */
+  rxMode: SharedArrayBuffer;
+}
+
+export interface NetDevice extends VhostUserDevice<NetQueueOptions> {
+  readonly mac: string;
+  stats(): NetStats;
+  /** Report link up or down to the guest (config status; a config-change notice where the frontend listens). */
+  setLink(up: boolean): void;
+}
+
+export function netDevice(opts: NetOptions): NetDevice {
+  const pairs = opts.queuePairs ?? 1;
+  if (!Number.isInteger(pairs) || pairs < 1 || pairs > 64) throw new RangeError(`queue pairs ${pairs}: 1 to 64`);
+  if (opts.backend.kind === 'switch' && pairs !== 1) throw new RangeError('switch ports have one queue pair');
+  const mac = opts.mac ?? randomMac();
+  const mtu = opts.mtu ?? 1500;
+  if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65535) throw new RangeError(`MTU ${mtu}: 68 to 65535`);
+  const stats = new SharedArrayBuffer(8 * NET_STATS * pairs);
+  const rxMode = new SharedArrayBuffer(24);
+  const mode = new Int32Array(rxMode, 0, 6);
+  const macBytes = new Uint8Array(rxMode, 12, 6);
+  const resetMode = () => {
+    Atomics.store(mode, 0, 1); // promiscuous until the driver says otherwise (as QEMU's virtio-net starts)
+    Atomics.store(mode, 1, 1);
+    Atomics.store(mode, 2, 1);
+    macBytes.set(mac);
+  };
+  resetMode();
+  let linkUp = true;
+  let features =
+    bit(VIRTIO_NET_F_MAC) |
+    bit(VIRTIO_NET_F_MTU) |
+    bit(VIRTIO_NET_F_STATUS) |
+    bit(VIRTIO_NET_F_MRG_RXBUF) |
+    bit(VIRTIO_NET_F_CSUM) |
+    bit(VIRTIO_NET_F_GUEST_CSUM) |
+    bit(VIRTIO_NET_F_HOST_TSO4) |
+    bit(VIRTIO_NET_F_HOST_TSO6) |
+    bit(VIRTIO_NET_F_HOST_ECN) |
+    bit(VIRTIO_NET_F_GUEST_TSO4) |
+    bit(VIRTIO_NET_F_GUEST_TSO6) |
+    bit(VIRTIO_NET_F_GUEST_ECN) |
+    bit(VIRTIO_NET_F_CTRL_VQ) |
+    bit(VIRTIO_NET_F_CTRL_RX) |
+    bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
+  if (pairs > 1) features |= bit(VIRTIO_NET_F_MQ);
+  // Frames generated or sunk need no offloads; keep the bench honest about what a plain NIC does.
+  const instance = `${opts.backend.kind}-${Math.random().toString(36).slice(2)}`;
+  const groups = Array.from({ length: pairs }, (_, k) => [2 * k, 2 * k + 1]);
+  groups[0].push(2 * pairs); // the control queue shares the first pair's worker
+  return {
+    name: `net(${opts.backend.kind})`,
+    deviceId: VIRTIO_ID_NET,
+    numQueues: 2 * pairs + 1,
+    maxQueueSize: opts.queueSize ?? 1024,
+    features,
+    protocolFeatures: bit(ProtocolFeature.RARP),
+    configSize: CONFIG_SIZE,
+    mac: formatMac(mac),
+    readConfig: (offset, length) => encodeConfig({ mac: macBytes.slice(), linkUp, queuePairs: pairs, mtu }).slice(offset, offset + length),
+    reset: resetMode,
+    sendRarp(guestMac) {
+      macBytes.set(guestMac);
+      // Each pair's worker announces once, on its next pass (the guest's next kick on that pair).
+      Atomics.store(mode, 5, (1 << Math.min(pairs, 31)) - 1);
+    },
+    dataPlane: {
+      module: new URL(import.meta.url),
+      options: { instance, backend: opts.backend, queuePairs: pairs, stats, rxMode },
+      thread: opts.backend.kind === 'switch' ? 'main' : 'worker',
+      groups,
+    },
+    stats() {
+      const s = new Float64Array(stats);
+      const sum = (k: number) => Array.from({ length: pairs }, (_, p) => s[p * NET_STATS + k]).reduce((a, b) => a + b, 0);
+      return {
+        txFrames: sum(0),
+        txBytes: sum(1),
+        txDropped: sum(2),
+        rxFrames: sum(3),
+        rxBytes: sum(4),
+        rxDropped: sum(5),
+        sinkMismatches: sum(6),
+      };
+    },
+    setLink(up) {
+      linkUp = up;
+    },
+  };
+}
+
+/** Per queue pair, in the worker (or main thread) that serves it: the backend port and the receive side. */
+interface Pair {
+  port: PortBackend | null;
+  rx: RxQueue | null;
+  rxCtx: QueueContext<NetQueueOptions> | null;
+  stats: Float64Array;
+  refs: number;
+}
+
+const pairs = new Map<string, Pair>();
+
+function pairOf(ctx: QueueContext<NetQueueOptions>, pair: number): Pair {
+  const key = `${ctx.options.instance}:${pair}`;
+  let p = pairs.get(key);
+  if (!p) {
+    p = { port: null, rx: null, rxCtx: null, stats: new Float64Array(ctx.options.stats, 8 * NET_STATS * pair, NET_STATS), refs: 0 };
+    pairs.set(key, p);
+  }
+  return p;
+}
+
+/** The data half: called for each queue in the thread that serves it. */
+export function createQueueHandler(ctx: QueueContext<NetQueueOptions>): QueueHandler {
+  const o = ctx.options;
+  const index = ctx.queueIndex;
+  if (index === 2 * o.queuePairs) return controlHandler(ctx);
+  const pairIndex = index >> 1;
+  const pair = pairOf(ctx, pairIndex);
+  pair.refs++;
+  const key = `${o.instance}:${pairIndex}`;
+  const hooks: PortHooks = {
+    features: ctx.features,
+    pair: pairIndex,
+    queuePairs: o.queuePairs,
+    stats: pair.stats,
+    rxMode: o.rxMode,
+    rx: () => pair.rx,
+    publishRx: () => pair.rxCtx?.publish(),
+    watch: ctx.watch,
+  };
+  pair.port ??= openPort(o.backend, hooks);
+  const announce = () => {
+    const mode = new Int32Array(o.rxMode, 0, 6);
+    const mine = 1 << Math.min(pairIndex, 30);
+    if ((Atomics.load(mode, 5) & mine) === 0) return;
+    Atomics.and(mode, 5, ~mine);
+    pair.port!.announce(rarpFrame(new Uint8Array(o.rxMode, 12, 6)));
+  };
+  const release = () => {
+    if (--pair.refs > 0) return;
+    pair.port?.close();
+    pairs.delete(key);
+  };
+
+  if ((index & 1) === 0) {
+    // receiveq: the backend fills it; a kick means the driver posted buffers.
+    const has = (f: number) => (ctx.features & bit(f)) !== 0n;
+    pair.rx = new RxQueue(ctx.queue, has(VIRTIO_NET_F_MRG_RXBUF), has(VIRTIO_NET_F_GUEST_CSUM), has(VIRTIO_NET_F_GUEST_TSO4) || has(VIRTIO_NET_F_GUEST_TSO6));
+    pair.rxCtx = ctx;
+    return {
+      process: () => {
+        announce();
+        pair.port!.rxReady();
+      },
+      stop: () => {
+        pair.rx = null;
+        pair.rxCtx = null;
+        release();
+      },
+    };
+  }
+  // transmitq: every chain is a frame for the backend.
+  const frame = new ChainFrame();
+  const stats = pair.stats;
+  return {
+    process(queue: SplitQueue) {
+      announce();
+      for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+        if (!frame.reset(chain)) {
+          stats[2]++; // shorter than a header, or over 64 KiB: dropped, counted, queue goes on
+        } else {
+          stats[0]++;
+          stats[1] += frame.length;
+          if (!pair.port!.transmit(frame)) stats[2]++;
+        }
+        queue.push(chain, 0);
+      }
+      pair.port!.flush();
+    },
+    stop: release,
+  };
+}
+
+function controlHandler(ctx: QueueContext<NetQueueOptions>): QueueHandler {
+  return {
+    process(queue) {
+      for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+        queue.push(chain, handleControl(chain, ctx.options.rxMode, ctx.options.queuePairs));
+      }
+    },
+  };
+}

@@ -1,0 +1,157 @@
+/**
+ * What a virtio-net queue pair is connected to. A port takes the guest's transmitted frames (`transmit`) and fills
+ * the receive queue when it has frames and the guest has buffers (`rxReady` is called when buffers arrive).
+ * No port queues frames in JS: with no receive buffers a tap is simply not read (the kernel queue holds them) and
+ * a switch drops (counted), as a hardware switch does.
+ */
+import type { RxQueue } from './datapath.js';
+import { BytesFrame, type ChainFrame } from './datapath.js';
+import { ETH_HEADER } from './spec.js';
+import { SwitchPort, joinSwitch } from './switch.js';
+import { TapPort } from './tap-port.js';
+
+export interface PortHooks {
+  features: bigint;
+  pair: number;
+  queuePairs: number;
+  /** Counters of this pair (see NET_STATS). */
+  stats: Float64Array;
+  rxMode: SharedArrayBuffer;
+  /** The pair's receive side, once its queue has started. */
+  rx(): RxQueue | null;
+  /** Make frames delivered outside the receive queue's own processing visible to the guest (and notify). */
+  publishRx(): void;
+  watch(fd: number, onReadable: () => void): { close(): void };
+}
+
+export interface PortBackend {
+  /** A frame the guest sent; false when it was dropped. The frame's bytes are only valid during the call. */
+  transmit(frame: ChainFrame): boolean;
+  /** End of a transmit batch (flush what was batched, publish receive queues touched). */
+  flush(): void;
+  /** The guest posted receive buffers: deliver what is waiting. */
+  rxReady(): void;
+  /** Send a frame on the guest's behalf (the RARP announcement after migration). */
+  announce(frame: Uint8Array): void;
+  close(): void;
+}
+
+import type { NetBackendSpec } from './index.js';
+
+export function openPort(spec: NetBackendSpec, hooks: PortHooks): PortBackend {
+  switch (spec.kind) {
+    case 'sink':
+      return new SinkPort(hooks);
+    case 'source':
+      return new SourcePort(hooks, spec.frameSize ?? 64);
+    case 'tap':
+      return new TapPort(spec.name, hooks);
+    case 'switch':
+      return new SwitchPort(joinSwitch(spec.name), hooks);
+  }
+}
+
+/** Drops every frame, checking each against the first (DPDK's txonly sends one template, byte for byte). */
+class SinkPort implements PortBackend {
+  private first: Uint8Array | null = null;
+  private readonly scratch = new Uint8Array(65536 + 18);
+
+  constructor(private readonly hooks: PortHooks) {}
+
+  transmit(frame: ChainFrame): boolean {
+    if (this.first === null) {
+      this.first = new Uint8Array(frame.length);
+      frame.copyTo(this.first, 0, 0, frame.length);
+      return true;
+    }
+    if (frame.length !== this.first.length) {
+      this.hooks.stats[6]++;
+      return true;
+    }
+    frame.copyTo(this.scratch, 0, 0, frame.length);
+    const a = this.scratch;
+    const b = this.first;
+    for (let i = 0; i < b.length; i++) {
+      if (a[i] !== b[i]) {
+        this.hooks.stats[6]++;
+        break;
+      }
+    }
+    return true;
+  }
+
+  flush(): void {}
+  rxReady(): void {}
+  announce(): void {}
+  close(): void {}
+}
+
+/** Fills every receive buffer the guest posts with a generated UDP broadcast frame of a fixed size. */
+class SourcePort implements PortBackend {
+  private readonly frame: BytesFrame;
+
+  constructor(
+    private readonly hooks: PortHooks,
+    size: number,
+  ) {
+    if (size < 60 || size > 65535) throw new RangeError(`source frame size ${size}: 60 to 65535`);
+    this.frame = new BytesFrame().set(sourceFrame(size));
+  }
+
+  transmit(): boolean {
+    return true;
+  }
+  flush(): void {}
+  announce(): void {}
+
+  rxReady(): void {
+    const rx = this.hooks.rx();
+    if (!rx) return;
+    const s = this.hooks.stats;
+    const len = this.frame.length;
+    for (;;) {
+      const r = rx.deliver(this.frame, null);
+      if (r !== 'delivered') {
+        if (r === 'too-big') s[5]++;
+        return;
+      }
+      s[3]++;
+      s[4] += len;
+    }
+  }
+
+  close(): void {}
+}
+
+/** Broadcast Ethernet/IPv4/UDP frame of `size` bytes (no FCS), payload a counting pattern. */
+export function sourceFrame(size: number): Uint8Array {
+  const f = new Uint8Array(size);
+  f.fill(0xff, 0, 6); // broadcast destination
+  f.set([0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc], 6);
+  f[12] = 0x08; // IPv4
+  f[13] = 0x00;
+  const ip = ETH_HEADER;
+  const ipLen = size - ETH_HEADER;
+  f.set([0x45, 0, ipLen >> 8, ipLen & 0xff, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 255, 255, 255, 255], ip);
+  let sum = 0;
+  for (let i = 0; i < 20; i += 2) sum += (f[ip + i] << 8) | f[ip + i + 1];
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  f[ip + 10] = ~sum >> 8 & 0xff;
+  f[ip + 11] = ~sum & 0xff;
+  const udp = ip + 20;
+  const udpLen = ipLen - 20;
+  f.set([0x04, 0xd2, 0x16, 0x2e, udpLen >> 8, udpLen & 0xff, 0, 0], udp);
+  for (let i = udp + 8; i < size; i++) f[i] = i & 0xff;
+  return f;
+}
+
+/** RARP "reverse request" from `mac` (what QEMU and DPDK broadcast so switches learn a migrated guest's port). */
+export function rarpFrame(mac: Uint8Array): Uint8Array {
+  const f = new Uint8Array(60);
+  f.fill(0xff, 0, 6);
+  f.set(mac, 6);
+  f.set([0x80, 0x35, 0, 1, 0x08, 0x00, 6, 4, 0, 3], 12); // ethertype RARP; htype 1, ptype IPv4, hlen 6, plen 4, op 3
+  f.set(mac, 22); // sender hardware address; sender IP 0.0.0.0
+  f.set(mac, 32); // target hardware address; target IP 0.0.0.0
+  return f;
+}

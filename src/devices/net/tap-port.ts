@@ -1,0 +1,115 @@
+/**
+ * A queue pair connected to a host tap interface opened with IFF_VNET_HDR: the guest's 12-byte virtio-net header
+ * goes to the kernel unchanged, so checksum and TSO offloads pass through. Transmit is one writev straight from
+ * the guest's buffers; receive reads a frame into one bounce buffer and copies it into receive chains. With no
+ * receive buffers the tap is not read (the kernel's queue holds the frames): at most one frame waits here.
+ */
+import { close, IovecArray, openTap, read, write, setTapOffload, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, writev } from '../../sys/index.js';
+import { bit } from '../../vhost/device.js';
+import { BytesFrame, type ChainFrame } from './datapath.js';
+import type { PortBackend, PortHooks } from './ports.js';
+import { ETH_HEADER, MAX_FRAME, NET_HDR_SIZE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6 } from './spec.js';
+
+/** Frames read per wakeup before yielding to the worker's other queues. */
+const RX_BUDGET = 256;
+
+export class TapPort implements PortBackend {
+  private readonly fd: number;
+  readonly name: string;
+  private readonly iov = new IovecArray(64);
+  private readonly bounce = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
+  private readonly frame = new BytesFrame();
+  /** Length of a frame read but not yet delivered (0: none). */
+  private pending = 0;
+  private watch: { close(): void } | null = null;
+
+  constructor(
+    name: string,
+    private readonly hooks: PortHooks,
+  ) {
+    const tap = openTap(name, { vnetHdr: true, multiQueue: hooks.queuePairs > 1 });
+    this.fd = tap.fd;
+    this.name = tap.name;
+    // The tap may hand us only what the guest accepted.
+    const f = hooks.features;
+    let offload = 0;
+    if (f & bit(VIRTIO_NET_F_GUEST_CSUM)) {
+      offload |= TUN_F_CSUM;
+      if (f & bit(VIRTIO_NET_F_GUEST_TSO4)) offload |= TUN_F_TSO4;
+      if (f & bit(VIRTIO_NET_F_GUEST_TSO6)) offload |= TUN_F_TSO6;
+      if (f & bit(VIRTIO_NET_F_GUEST_ECN)) offload |= TUN_F_TSO_ECN;
+    }
+    setTapOffload(this.fd, offload);
+    this.resume();
+  }
+
+  transmit(frame: ChainFrame): boolean {
+    const c = frame.chain;
+    if (c.readableCount > this.iov.capacity) return false;
+    for (let i = 0; i < c.readableCount; i++) this.iov.set(i, c.hostAddress(i), c.segLength[i]);
+    // EAGAIN: the tap's queue is full; the frame is dropped as a NIC would.
+    return writev(this.fd, this.iov, c.readableCount) > 0;
+  }
+
+  flush(): void {}
+
+  announce(frame: Uint8Array): void {
+    const out = new Uint8Array(NET_HDR_SIZE + frame.length);
+    out.set(frame, NET_HDR_SIZE);
+    write(this.fd, out);
+  }
+
+  rxReady(): void {
+    this.pump();
+  }
+
+  close(): void {
+    this.watch?.close();
+    this.watch = null;
+    close(this.fd);
+  }
+
+  private resume(): void {
+    this.watch ??= this.hooks.watch(this.fd, () => this.pump());
+  }
+
+  private pause(): void {
+    // Level-triggered: a readable tap we cannot drain would wake us forever.
+    this.watch?.close();
+    this.watch = null;
+  }
+
+  private pump(): void {
+    const rx = this.hooks.rx();
+    if (!rx) return this.pause();
+    const s = this.hooks.stats;
+    let delivered = 0;
+    for (let n = 0; n < RX_BUDGET; n++) {
+      let len = this.pending;
+      if (len === 0) {
+        len = read(this.fd, this.bounce);
+        if (len < 0) break; // drained
+        if (len < NET_HDR_SIZE + ETH_HEADER) {
+          s[5]++;
+          continue;
+        }
+      }
+      this.frame.set(this.bounce.subarray(NET_HDR_SIZE), len - NET_HDR_SIZE);
+      const r = rx.deliver(this.frame, this.bounce.subarray(0, NET_HDR_SIZE));
+      if (r === 'no-buffers') {
+        this.pending = len;
+        this.pause();
+        break;
+      }
+      this.pending = 0;
+      if (r === 'too-big') s[5]++;
+      else {
+        s[3]++;
+        s[4] += len - NET_HDR_SIZE;
+        delivered++;
+      }
+    }
+    if (this.pending === 0) this.resume();
+    if (delivered > 0) this.hooks.publishRx();
+  }
+}

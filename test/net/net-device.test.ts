@@ -1,0 +1,175 @@
+// virtio-net against our own frontend: transmit and receive paths, MRG_RXBUF, bad input, the control queue, and
+// two ports on the built-in switch.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { netDevice, type NetDevice, type NetOptions } from '../../src/devices/net/index.js';
+import { sourceFrame } from '../../src/devices/net/ports.js';
+import {
+  NET_HDR_SIZE,
+  VIRTIO_NET_CTRL_MAC,
+  VIRTIO_NET_CTRL_MAC_ADDR_SET,
+  VIRTIO_NET_CTRL_RX,
+  VIRTIO_NET_CTRL_RX_PROMISC,
+  VIRTIO_NET_ERR,
+  VIRTIO_NET_F_MRG_RXBUF,
+  VIRTIO_NET_OK,
+} from '../../src/devices/net/spec.js';
+import { findSwitch } from '../../src/devices/net/switch.js';
+import { VhostUserFrontend, type TestQueue } from '../../src/frontend/index.js';
+import { VhostUserServer, type Logger } from '../../src/vhost/index.js';
+
+const quiet: Logger = { info() {}, warn() {}, error() {} };
+const ALL = (1n << 64n) - 1n;
+
+function ethFrame(dst: number[], src: number[], len: number, fill: number): Uint8Array {
+  const f = new Uint8Array(len).fill(fill);
+  f.set(dst, 0);
+  f.set(src, 6);
+  f[12] = 0x08;
+  f[13] = 0x00;
+  return f;
+}
+const withHeader = (f: Uint8Array) => {
+  const b = new Uint8Array(NET_HDR_SIZE + f.length);
+  b.set(f, NET_HDR_SIZE);
+  return b;
+};
+
+describe('net device', () => {
+  let dir: string;
+  const servers: VhostUserServer[] = [];
+  const frontends: VhostUserFrontend[] = [];
+
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'vhost-ts-net-'));
+  });
+  afterEach(async () => {
+    for (const f of frontends.splice(0)) f.close();
+    for (const s of servers.splice(0)) await s.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function port(opts: NetOptions, features = ALL): Promise<{ dev: NetDevice; rx: TestQueue; tx: TestQueue; ctrl: TestQueue }> {
+    const dev = netDevice(opts);
+    const socket = join(dir, `p${servers.length}.sock`);
+    servers.push(await VhostUserServer.start(dev, { socketPath: socket, log: quiet }));
+    const fe = await VhostUserFrontend.connect(socket);
+    frontends.push(fe);
+    const [rx, tx, ctrl] = await fe.start({ features, queues: [{ index: 0, size: 256 }, { index: 1, size: 256 }, { index: 2, size: 64 }] });
+    return { dev, rx, tx, ctrl };
+  }
+
+  it('sink: counts transmitted frames, checks them against the first, drops bad ones and goes on', async () => {
+    const { dev, tx } = await port({ backend: { kind: 'sink' } });
+    const frame = ethFrame([0xff, 0xff, 0xff, 0xff, 0xff, 0xff], [0x52, 0x54, 0, 1, 2, 3], 60, 0x42);
+    for (let i = 0; i < 10; i++) tx.add({ readable: [withHeader(frame)] });
+    // header split from the frame (ANY_LAYOUT)
+    tx.add({ readable: [new Uint8Array(NET_HDR_SIZE), frame] });
+    // bad: shorter than a header, and a different frame
+    tx.add({ readable: [new Uint8Array(8)] });
+    tx.add({ readable: [withHeader(ethFrame([1, 2, 3, 4, 5, 6], [0x52, 0x54, 0, 1, 2, 3], 60, 0x43))] });
+    tx.kick();
+    await tx.waitForUsed(13);
+    const s = dev.stats();
+    expect(s.txFrames).toBe(12);
+    expect(s.txDropped).toBe(1);
+    expect(s.sinkMismatches).toBe(1);
+  });
+
+  it('sink: a frame over 64 KiB is dropped and counted', async () => {
+    const { dev, tx } = await port({ backend: { kind: 'sink' } });
+    tx.add({ readable: [new Uint8Array(NET_HDR_SIZE), new Uint8Array(40000), new Uint8Array(40000)], indirect: true });
+    tx.add({ readable: [withHeader(ethFrame([0xff, 0xff, 0xff, 0xff, 0xff, 0xff], [2, 0, 0, 0, 0, 1], 64, 1))] });
+    tx.kick();
+    await tx.waitForUsed(2);
+    expect(dev.stats()).toMatchObject({ txFrames: 1, txDropped: 1 });
+  });
+
+  it('source: fills receive buffers with whole frames and num_buffers = 1', async () => {
+    const { dev, rx } = await port({ backend: { kind: 'source', frameSize: 100 } });
+    const chains = Array.from({ length: 8 }, () => rx.add({ writable: [2048] }));
+    rx.kick();
+    const used = await rx.waitForUsed(8);
+    const want = sourceFrame(100);
+    for (const u of used) {
+      expect(u.len).toBe(NET_HDR_SIZE + 100);
+      const got = rx.written(u.chain!, u.len);
+      expect(got[10] | (got[11] << 8)).toBe(1);
+      expect(Buffer.compare(got.subarray(NET_HDR_SIZE), want)).toBe(0);
+    }
+    expect(chains.length).toBe(8);
+    expect(dev.stats().rxFrames).toBeGreaterThanOrEqual(8);
+  });
+
+  it('source with MRG_RXBUF: a frame spans small receive buffers; num_buffers counts them', async () => {
+    const { rx } = await port({ backend: { kind: 'source', frameSize: 200 } });
+    for (let i = 0; i < 9; i++) rx.add({ writable: [64] });
+    rx.kick();
+    const used = await rx.waitForUsed(4); // 12 + 200 = 212 bytes = 64 + 64 + 64 + 20
+    expect(used.map((u) => u.len)).toEqual([64, 64, 64, 20]);
+    const first = rx.written(used[0].chain!, 64);
+    expect(first[10] | (first[11] << 8)).toBe(4);
+    const bytes = Buffer.concat(used.map((u) => rx.written(u.chain!, u.len))).subarray(NET_HDR_SIZE);
+    expect(Buffer.compare(bytes, sourceFrame(200))).toBe(0);
+  });
+
+  it('without MRG_RXBUF: a receive chain too small for the frame gets nothing; the frame is dropped and counted', async () => {
+    const { dev, rx } = await port({ backend: { kind: 'source', frameSize: 200 } }, ALL & ~(1n << BigInt(VIRTIO_NET_F_MRG_RXBUF)));
+    rx.add({ writable: [64] });
+    rx.kick();
+    await expect(rx.waitForUsed(1, 300)).rejects.toThrow();
+    expect(dev.stats().rxDropped).toBeGreaterThan(0);
+    // A big enough buffer behind it does not help: the small one stays first (no reordering); a fresh ring does.
+  });
+
+  it('control queue: receive modes and MAC address; unknown commands get VIRTIO_NET_ERR', async () => {
+    const { ctrl } = await port({ backend: { kind: 'sink' } });
+    const cmd = async (bytes: number[]) => {
+      const c = ctrl.add({ readable: [new Uint8Array(bytes)], writable: [1] });
+      ctrl.kick();
+      await ctrl.waitForUsed(1);
+      return ctrl.written(c, 1)[0];
+    };
+    expect(await cmd([VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, 0])).toBe(VIRTIO_NET_OK);
+    expect(await cmd([VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, 0x52, 0x54, 0, 9, 9, 9])).toBe(VIRTIO_NET_OK);
+    expect(await cmd([VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, 0x01, 0, 0, 0, 0, 0])).toBe(VIRTIO_NET_ERR); // multicast
+    expect(await cmd([42, 0])).toBe(VIRTIO_NET_ERR);
+  });
+
+  it('switch: two ports learn each other, unicast goes only where it belongs, broadcast floods', async () => {
+    const macA = [0x52, 0x54, 0, 0xa, 0xa, 0xa];
+    const macB = [0x52, 0x54, 0, 0xb, 0xb, 0xb];
+    const a = await port({ backend: { kind: 'switch', name: 'test-sw' }, mac: new Uint8Array(macA) });
+    const b = await port({ backend: { kind: 'switch', name: 'test-sw' }, mac: new Uint8Array(macB) });
+    for (const p of [a, b]) {
+      for (let i = 0; i < 16; i++) p.rx.add({ writable: [2048] });
+      p.rx.kick();
+    }
+    // A -> broadcast: B receives it, A does not.
+    const bcast = ethFrame([0xff, 0xff, 0xff, 0xff, 0xff, 0xff], macA, 60, 0x11);
+    a.tx.add({ readable: [withHeader(bcast)] });
+    a.tx.kick();
+    const [got] = await b.rx.waitForUsed(1);
+    expect(Buffer.compare(b.rx.written(got.chain!, got.len).subarray(NET_HDR_SIZE), bcast)).toBe(0);
+    // B -> A (A's MAC was learned): delivered to A only.
+    const uni = ethFrame(macA, macB, 1514, 0x22);
+    b.tx.add({ readable: [withHeader(uni)] });
+    b.tx.kick();
+    const [atA] = await a.rx.waitForUsed(1);
+    expect(Buffer.compare(a.rx.written(atA.chain!, atA.len).subarray(NET_HDR_SIZE), uni)).toBe(0);
+    expect(findSwitch('test-sw')!.macCount()).toBe(2);
+    // A -> a MAC nobody has (and B is not promiscuous once its driver says so): flooded, B filters it.
+    const stranger = ethFrame([0x52, 0x54, 0, 0xc, 0xc, 0xc], macA, 60, 0x33);
+    const c = b.ctrl.add({ readable: [new Uint8Array([VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, 0])], writable: [1] });
+    b.ctrl.kick();
+    await b.ctrl.waitForUsed(1);
+    expect(b.ctrl.written(c, 1)[0]).toBe(VIRTIO_NET_OK);
+    a.tx.add({ readable: [withHeader(stranger)] });
+    a.tx.kick();
+    await a.tx.waitForUsed(2);
+    expect(b.dev.stats().rxDropped).toBe(1);
+    expect(b.dev.stats().rxFrames).toBe(1);
+  });
+});
