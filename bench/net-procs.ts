@@ -1,0 +1,331 @@
+/**
+ * Processes for bench/net.ts: dpdk-testpmd (frontend and reference backend) and vhost-ts, each tracked from spawn
+ * to exit so stopAll() leaves nothing behind (normal path, error, SIGINT), with every wait bounded; and a parser for
+ * testpmd's periodic port statistics (`--stats-period`).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+const TAIL = 16384;
+
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+export interface Command {
+  file: string;
+  args: string[];
+}
+
+/** `taskset -c CPU` in front of a command (taskset execs it: the PID stays the program's own). */
+export function pinned(cmd: Command, cpu: number | undefined): Command {
+  if (cpu === undefined) return cmd;
+  return { file: 'taskset', args: ['-c', String(cpu), cmd.file, ...cmd.args] };
+}
+
+/** A command line as one would type it (arguments quoted where a shell would need it). */
+export function shellLine(cmd: Command): string {
+  const q = (s: string) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`);
+  return [cmd.file, ...cmd.args].map(q).join(' ');
+}
+
+/** The program's absolute path if it is on PATH. */
+export function which(program: string): string | undefined {
+  for (const dir of (process.env.PATH ?? '').split(':')) {
+    if (!dir) continue;
+    const p = path.join(dir, program);
+    try {
+      fs.accessSync(p, fs.constants.X_OK);
+      if (fs.statSync(p).isFile()) return p;
+    } catch {
+      // not here
+    }
+  }
+  return undefined;
+}
+
+/** True if p settled within ms. */
+export async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<false>((r) => (timer = setTimeout(() => r(false), ms)));
+  try {
+    return await Promise.race([p.then(() => true), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** CPU seconds (user + system, all threads) a process has used so far, from /proc/PID/stat; undefined if gone. */
+export function cpuSeconds(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may contain spaces and parentheses): state is field 3, utime 14, stime 15.
+    const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(rest[11]) + Number(rest[12])) / CLOCK_TICKS;
+  } catch {
+    return undefined;
+  }
+}
+
+// USER_HZ: 100 on every Linux architecture Node runs on.
+const CLOCK_TICKS = 100;
+
+/** A long-running program: output kept (the tail, for error messages) and offered line by line to a listener. */
+export class Proc {
+  private out = '';
+  private partial = '';
+  private exitInfo: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  private lineListeners: ((line: string, t: number) => void)[] = [];
+  readonly exited: Promise<void>;
+
+  constructor(
+    readonly name: string,
+    readonly child: ChildProcess,
+  ) {
+    child.stdout?.on('data', (d: Buffer) => this.take(d));
+    child.stderr?.on('data', (d: Buffer) => {
+      this.out = (this.out + d.toString()).slice(-TAIL);
+    });
+    this.exited = new Promise((resolve) => {
+      child.once('exit', (code, signal) => {
+        this.exitInfo = { code, signal };
+        resolve();
+      });
+      child.once('error', (e) => {
+        this.out += `\nspawn failed: ${e.message}`;
+        this.exitInfo ??= { code: null, signal: null };
+        resolve();
+      });
+    });
+  }
+
+  private take(d: Buffer): void {
+    const t = performance.now();
+    const text = d.toString();
+    this.out = (this.out + text).slice(-TAIL);
+    const lines = (this.partial + text).split('\n');
+    this.partial = lines.pop() ?? '';
+    for (const line of lines) for (const l of this.lineListeners) l(line, t);
+  }
+
+  onLine(listener: (line: string, t: number) => void): void {
+    this.lineListeners.push(listener);
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  get running(): boolean {
+    return this.exitInfo === undefined;
+  }
+
+  get output(): string {
+    return this.out;
+  }
+
+  /** The last lines it printed, and how it exited if it did. */
+  describe(lines = 25): string {
+    const how = this.exitInfo
+      ? `${this.name} exited (${this.exitInfo.signal ?? `code ${this.exitInfo.code}`})`
+      : `${this.name} is running (pid ${this.pid})`;
+    // testpmd clears the screen before each statistics block.
+    const text = this.out.replace(/\x1b\[[0-9;]*[A-Za-z]/g, '').replace(/\n{2,}/g, '\n').trim();
+    return text ? `${how}; its output ends with:\n${text.split('\n').slice(-lines).join('\n')}` : `${how}; no output`;
+  }
+
+  /**
+   * Asks it to stop (SIGINT: testpmd prints its forward statistics and closes its ports on SIGINT), then SIGKILL
+   * if it is still there after graceMs; resolves once it has exited (bounded).
+   */
+  async stop(graceMs = 10_000): Promise<void> {
+    if (!this.running) return;
+    this.child.kill('SIGINT');
+    if (await within(this.exited, graceMs)) return;
+    this.child.kill('SIGKILL');
+    await within(this.exited, 5000);
+  }
+}
+
+export class Processes {
+  private readonly live = new Set<Proc>();
+
+  /** Starts a long-lived program (stdin closed: testpmd with --stats-period does not read it). */
+  start(name: string, cmd: Command): Proc {
+    const child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = new Proc(name, child);
+    this.live.add(p);
+    void p.exited.then(() => this.live.delete(p));
+    return p;
+  }
+
+  /** Stops everything still running (in parallel, each bounded). */
+  async stopAll(): Promise<void> {
+    await Promise.all([...this.live].map((p) => p.stop(5000)));
+  }
+}
+
+/** Waits until path is a socket (the backend has bound it), failing early if the backend exits. */
+export async function waitForSocketFile(proc: Proc, socketPath: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (!proc.running) throw new Error(`${proc.name} exited before creating ${socketPath}\n${proc.describe()}`);
+    if (fs.statSync(socketPath, { throwIfNoEntry: false })?.isSocket()) return;
+    await sleep(25);
+  }
+  throw new Error(`${proc.name} did not create ${socketPath} within ${timeoutMs / 1000} s\n${proc.describe()}`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// testpmd statistics
+
+/**
+ * One block of testpmd's periodic port statistics (`--stats-period`), as printed by nic_stats_display():
+ *
+ *     ######################## NIC statistics for port 0  ########################
+ *     RX-packets: 0          RX-missed: 0          RX-bytes:  0
+ *     RX-errors: 0
+ *     RX-nombuf:  0
+ *     TX-packets: 11668192   TX-errors: 0          TX-bytes:  746764288
+ *
+ *     Throughput (since last show)
+ *     Rx-pps:            0          Rx-bps:            0
+ *     Tx-pps:     11651501          Tx-bps:   5965568720
+ *     ############################################################################
+ *
+ * The counters are the port's totals since it started; the rates are testpmd's own, from the same counter read
+ * and its TSC clock over the time since the previous block (0 in the first block).
+ */
+export interface StatsBlock {
+  port: number;
+  /** performance.now() when the block arrived here (testpmd flushes stdout after each block). */
+  t: number;
+  rxPackets: number;
+  rxBytes: number;
+  txPackets: number;
+  txBytes: number;
+  rxPps: number;
+  txPps: number;
+}
+
+/** The "Forward statistics for port N" block testpmd prints when it stops (SIGINT). */
+export interface ForwardStats {
+  port: number;
+  rxPackets: number;
+  txPackets: number;
+  txDropped: number;
+}
+
+export class TestpmdStats {
+  readonly blocks: StatsBlock[] = [];
+  readonly forward: ForwardStats[] = [];
+  private cur: Partial<StatsBlock> | undefined;
+  private fwd: Partial<ForwardStats> | undefined;
+  private waiters: (() => void)[] = [];
+
+  constructor(proc: Proc) {
+    proc.onLine((line, t) => this.line(line, t));
+    void proc.exited.then(() => this.wake());
+  }
+
+  private wake(): void {
+    for (const w of this.waiters.splice(0)) w();
+  }
+
+  private line(raw: string, t: number): void {
+    const line = raw.replace(/\x1b\[[0-9;]*[A-Za-z]/g, '');
+    let m: RegExpExecArray | null;
+    if ((m = /NIC statistics for port (\d+)/.exec(line))) {
+      this.cur = { port: Number(m[1]) };
+      return;
+    }
+    if ((m = /Forward statistics for port (\d+)/.exec(line))) {
+      this.fwd = { port: Number(m[1]) };
+      return;
+    }
+    if (this.fwd) {
+      if ((m = /RX-packets:\s*(\d+)\s+RX-dropped:/.exec(line))) this.fwd.rxPackets = Number(m[1]);
+      else if ((m = /TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)/.exec(line))) {
+        this.fwd.txPackets = Number(m[1]);
+        this.fwd.txDropped = Number(m[2]);
+      } else if (/^\s*-{20,}\s*$/.test(line)) {
+        const f = this.fwd;
+        this.fwd = undefined;
+        if (f.rxPackets !== undefined && f.txPackets !== undefined) this.forward.push(f as ForwardStats);
+      }
+      return;
+    }
+    const c = this.cur;
+    if (!c) return;
+    if ((m = /RX-packets:\s*(\d+)\s+RX-missed:\s*\d+\s+RX-bytes:\s*(\d+)/.exec(line))) {
+      c.rxPackets = Number(m[1]);
+      c.rxBytes = Number(m[2]);
+    } else if ((m = /TX-packets:\s*(\d+)\s+TX-errors:\s*\d+\s+TX-bytes:\s*(\d+)/.exec(line))) {
+      c.txPackets = Number(m[1]);
+      c.txBytes = Number(m[2]);
+    } else if ((m = /Rx-pps:\s*(\d+)/.exec(line))) c.rxPps = Number(m[1]);
+    else if ((m = /Tx-pps:\s*(\d+)/.exec(line))) c.txPps = Number(m[1]);
+    else if (/^\s*#{20,}\s*$/.test(line)) {
+      this.cur = undefined;
+      if (c.rxPackets !== undefined && c.txPackets !== undefined && c.rxPps !== undefined && c.txPps !== undefined) {
+        this.blocks.push({ ...(c as StatsBlock), t });
+        this.wake();
+      }
+    }
+  }
+
+  /** Resolves when a block beyond the first `count` has arrived, or the process exited, or after timeoutMs. */
+  async waitForBlocks(count: number, timeoutMs: number, proc: Proc): Promise<boolean> {
+    const deadline = performance.now() + timeoutMs;
+    while (this.blocks.length < count) {
+      const left = deadline - performance.now();
+      if (left <= 0 || !proc.running) return false;
+      await within(new Promise<void>((r) => this.waiters.push(r)), left);
+    }
+    return true;
+  }
+}
+
+/**
+ * Packets counted and the time between two blocks of one port. The time is testpmd's own: each block's rate is
+ * (packets since the previous block) / (TSC time since the previous block), so that interval is packets / rate;
+ * summed over the blocks in the window. Independent of when the output reached us (this process competes for the
+ * CPUs with busy-polling testpmd lcores). An interval with no packets has no rate; its length is taken from the
+ * arrival times instead.
+ */
+export function windowBetween(
+  blocks: StatsBlock[],
+  from: number,
+  to: number,
+  dir: 'rx' | 'tx',
+): { packets: number; bytes: number; seconds: number; wallSeconds: number; perInterval: number[] } {
+  let seconds = 0;
+  const perInterval: number[] = [];
+  for (let i = from + 1; i <= to; i++) {
+    const a = blocks[i - 1];
+    const b = blocks[i];
+    const dp = dir === 'rx' ? b.rxPackets - a.rxPackets : b.txPackets - a.txPackets;
+    const pps = dir === 'rx' ? b.rxPps : b.txPps;
+    const dt = dp > 0 && pps > 0 ? dp / pps : (b.t - a.t) / 1000;
+    seconds += dt;
+    perInterval.push(dp / dt);
+  }
+  const a = blocks[from];
+  const b = blocks[to];
+  return {
+    packets: dir === 'rx' ? b.rxPackets - a.rxPackets : b.txPackets - a.txPackets,
+    bytes: dir === 'rx' ? b.rxBytes - a.rxBytes : b.txBytes - a.txBytes,
+    seconds,
+    wallSeconds: (b.t - a.t) / 1000,
+    perInterval,
+  };
+}
+
+/**
+ * DPDK's runtime directory for a --file-prefix: /var/run/dpdk/PREFIX for root, else $XDG_RUNTIME_DIR/dpdk/PREFIX
+ * (or /tmp/dpdk/PREFIX), as eal_get_runtime_dir() picks it.
+ */
+export function dpdkRuntimeDir(prefix: string): string {
+  const base = process.getuid?.() === 0 ? '/var/run' : (process.env.XDG_RUNTIME_DIR ?? '/tmp');
+  return path.join(base, 'dpdk', prefix);
+}

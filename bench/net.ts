@@ -1,0 +1,666 @@
+/**
+ * npm run bench:net [-- --json] [--quick] [--reps N] [--seconds S] [--warmup S] [--dpdk-only]
+ *
+ * virtio-net over vhost-user with no VM: DPDK's virtio-user PMD in dpdk-testpmd is the frontend (the guest's
+ * driver) and either vhost-ts (`vhost-ts net --backend sink|source`) or DPDK's own vhost PMD (net_vhost in a second
+ * testpmd) is the backend (DESIGN.md §6).
+ *
+ *   transmit: frontend txonly (the guest sends) -> backend sink (vhost-ts) / rxonly (DPDK) drops every frame
+ *   receive:  backend source (vhost-ts) / txonly (DPDK) fills every receive buffer -> frontend rxonly
+ *
+ * 64- and 1518-byte frames. Packets are counted at the frontend (its port's TX or RX counter), the same program for
+ * both backends, over a window after a warm-up, from testpmd's periodic statistics. The backend runs on one CPU and
+ * the frontend on another (taskset, and testpmd's lcores on that CPU), one backend at a time, fresh processes for
+ * every run; the side that goes first alternates, each case is repeated and the medians compared within this run.
+ *
+ * Until `vhost-ts net` exists (or with --dpdk-only) the vhost-ts column is DPDK's vhost PMD again, which proves the
+ * plumbing and shows the noise of the method: the ratio should be 1.
+ *
+ * Needs dpdk-testpmd and the virtio-user, vhost and ring-mempool PMDs; on Debian 12:
+ *   apt-get install -y dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-mempool-ring23
+ * (dpdk-testpmd is in dpdk-dev, not in the dpdk package). Runs as root or not; no hugepages (--no-huge).
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import {
+  cpuSeconds,
+  dpdkRuntimeDir,
+  pinned,
+  Processes,
+  shellLine,
+  sleep,
+  TestpmdStats,
+  waitForSocketFile,
+  which,
+  windowBetween,
+  type Command,
+  type Proc,
+} from './net-procs.js';
+
+const usage = `usage: npm run bench:net [-- options]
+  --json               print one JSON object {"bench":"net","results":[...]} instead of the table
+  --quick              smoke run: 1 repetition (unless --reps), 1 s warm-up, 2 s window
+  --reps N             repetitions per case and backend (default 3); the median is reported
+  --seconds S          measured window per run, whole seconds (default 5)
+  --warmup S           seconds of traffic before the window starts (default 2)
+  --frame-sizes LIST   comma-separated frame sizes in bytes (default 64,1518)
+  --cases LIST         transmit,receive (default both)
+  --dpdk-only          DPDK's vhost PMD in both columns even if 'vhost-ts net' is available
+  --vhost-ts PATH      the vhost-ts CLI to measure (default: bin/vhost-ts.mjs of this checkout)
+  --backend-cpu N      CPU for the backends (default 0)
+  --client-cpu N       CPU for the testpmd frontend (default 1)
+  --no-pin             do not pin (testpmd's lcores still share one CPU per process)`;
+
+const { values: opts } = parseArgs({
+  options: {
+    json: { type: 'boolean' },
+    quick: { type: 'boolean' },
+    reps: { type: 'string' },
+    seconds: { type: 'string' },
+    warmup: { type: 'string' },
+    'frame-sizes': { type: 'string' },
+    cases: { type: 'string' },
+    'dpdk-only': { type: 'boolean' },
+    'vhost-ts': { type: 'string' },
+    'backend-cpu': { type: 'string' },
+    'client-cpu': { type: 'string' },
+    'no-pin': { type: 'boolean' },
+    help: { type: 'boolean', short: 'h' },
+  },
+  strict: true,
+});
+
+if (opts.help) {
+  console.log(usage);
+  process.exit(0);
+}
+
+function wholeNumber(text: string | undefined, flag: string, fallback: number, min: number): number {
+  if (text === undefined) return fallback;
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < min) {
+    console.error(`${flag} takes a whole number >= ${min}, not "${text}"\n${usage}`);
+    process.exit(2);
+  }
+  return n;
+}
+
+const json = opts.json === true;
+const quick = opts.quick === true;
+const reps = wholeNumber(opts.reps, '--reps', quick ? 1 : 3, 1);
+const windowSeconds = wholeNumber(opts.seconds, '--seconds', quick ? 2 : 5, 1);
+const warmupSeconds = wholeNumber(opts.warmup, '--warmup', quick ? 1 : 2, 0);
+const backendCpuOpt = wholeNumber(opts['backend-cpu'], '--backend-cpu', 0, 0);
+const clientCpuOpt = wholeNumber(opts['client-cpu'], '--client-cpu', 1, 0);
+const frameSizes = (opts['frame-sizes'] ?? '64,1518').split(',').map((s) => {
+  const n = Number(s);
+  // 60: the smallest Ethernet frame without its FCS; 1518: testpmd's default mbufs (2048 bytes of data) and MTU.
+  if (!Number.isInteger(n) || n < 60 || n > 1518) {
+    console.error(`--frame-sizes takes sizes from 60 to 1518 bytes, not "${s}"`);
+    process.exit(2);
+  }
+  return n;
+});
+type Direction = 'transmit' | 'receive';
+const directions = (opts.cases ?? 'transmit,receive').split(',').map((s) => {
+  if (s !== 'transmit' && s !== 'receive') {
+    console.error(`--cases takes transmit and/or receive, not "${s}"`);
+    process.exit(2);
+  }
+  return s as Direction;
+});
+
+const log = (line: string) => process.stderr.write(`bench:net: ${line}\n`);
+
+// Debian 12: dpdk-testpmd is in dpdk-dev (not in dpdk); the PMDs the bench loads each have their own package.
+const PMD_PACKAGES: Record<string, string> = {
+  librte_net_virtio: 'librte-net-virtio23',
+  librte_net_vhost: 'librte-net-vhost23',
+  librte_mempool_ring: 'librte-mempool-ring23',
+};
+const INSTALL = `apt-get install -y dpdk-dev ${Object.values(PMD_PACKAGES).join(' ')}`;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Clean-up: every process, socket directory and DPDK runtime directory, on success, on error and on a signal.
+
+const procs = new Processes();
+const runtimeDirs = new Set<string>();
+let tempDir: string | undefined;
+let cleaning: Promise<void> | undefined;
+let interrupted = false;
+
+function removeRuntimeDirs(): void {
+  for (const d of runtimeDirs) {
+    fs.rmSync(d, { recursive: true, force: true });
+    runtimeDirs.delete(d);
+  }
+}
+
+function cleanup(): Promise<void> {
+  cleaning ??= (async () => {
+    await procs.stopAll();
+    removeRuntimeDirs();
+    if (tempDir) fs.rmSync(tempDir, { recursive: true, force: true });
+  })();
+  return cleaning;
+}
+
+// process.on, not once: Ctrl-C reaches this process twice (from the terminal and relayed by tsx), and a second
+// signal with no handler would kill it before the clean-up has run.
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.on(sig, () => {
+    if (interrupted) return;
+    interrupted = true;
+    log(`${sig}: stopping testpmd and the backends`);
+    const hard = setTimeout(() => process.exit(130), 20_000);
+    void cleanup().finally(() => {
+      clearTimeout(hard);
+      process.exit(130);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Prerequisites
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const vhostTsBin = path.resolve(opts['vhost-ts'] ?? path.join(repoRoot, 'bin/vhost-ts.mjs'));
+
+function checkDpdk(): string {
+  const testpmd = which('dpdk-testpmd');
+  if (!testpmd) {
+    console.error(`bench:net: dpdk-testpmd not found. Install DPDK (Debian 12):\n  ${INSTALL}`);
+    process.exit(2);
+  }
+  // Debian's testpmd loads the PMDs from /usr/lib/<triplet>/dpdk/pmds-<abi>/; elsewhere (a DPDK built from source,
+  // static) they may be linked in, so only a Debian-style plugin directory without them is an error.
+  const libDirs = ['/usr/lib', '/usr/lib64', ...fs.readdirSync('/usr/lib').filter((d) => d.includes('-linux-')).map((d) => `/usr/lib/${d}`)];
+  const pmdDirs = libDirs.flatMap((l) => {
+    const d = path.join(l, 'dpdk');
+    return fs.existsSync(d) ? fs.readdirSync(d).filter((x) => x.startsWith('pmds-')).map((x) => path.join(d, x)) : [];
+  });
+  if (pmdDirs.length > 0) {
+    const have = pmdDirs.flatMap((d) => fs.readdirSync(d));
+    const missing = Object.keys(PMD_PACKAGES).filter((lib) => !have.some((f) => f.startsWith(`${lib}.so`)));
+    if (missing.length > 0) {
+      console.error(`bench:net: DPDK drivers missing from ${pmdDirs.join(', ')}: ${missing.join(', ')}. Install them (Debian 12):\n  ${INSTALL}`);
+      process.exit(2);
+    }
+  }
+  return testpmd;
+}
+
+function testpmdVersion(testpmd: string): string {
+  // -v prints the version during EAL init; `-- --help` makes testpmd print its usage and exit.
+  const prefix = `vhost-ts-bench-net-${process.pid}-v`;
+  runtimeDirs.add(dpdkRuntimeDir(prefix));
+  const r = spawnSync(testpmd, ['-v', '--no-pci', '--no-huge', '-m', '64', `--file-prefix=${prefix}`, '--', '--help'], {
+    encoding: 'utf8',
+    timeout: 20_000,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  removeRuntimeDirs();
+  const m = /RTE Version: 'DPDK ([^']+)'/.exec(`${r.stdout}${r.stderr}`);
+  return m ? m[1] : 'unknown';
+}
+
+/** `vhost-ts net --help` exits 0: the net device has landed. */
+function vhostTsNetAvailable(): { ok: boolean; why: string; help: string } {
+  const r = spawnSync(process.execPath, [vhostTsBin, 'net', '--help'], {
+    encoding: 'utf8',
+    timeout: 30_000,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  if (r.status === 0) return { ok: true, why: '', help: r.stdout };
+  const first = `${r.stderr}${r.stdout}`.trim().split('\n')[0] ?? '';
+  return { ok: false, why: r.error ? r.error.message : `exit ${r.status ?? r.signal}: ${first}`, help: '' };
+}
+
+/** The checkout vhost-ts runs from: commit, and whether src/ has uncommitted changes (others edit in parallel). */
+function sourceVersion(): string {
+  if (opts['vhost-ts'] !== undefined) return vhostTsBin;
+  try {
+    const git = (args: string[]) =>
+      execFileSync('git', ['-C', repoRoot, ...args], { timeout: 10_000, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    const commit = git(['rev-parse', '--short', 'HEAD']);
+    return git(['status', '--porcelain', '--', 'src', 'bin']) ? `${commit} + uncommitted changes in src/` : commit;
+  } catch {
+    return 'unknown (not a git checkout)';
+  }
+}
+
+/** Share of all CPUs busy over ms milliseconds (/proc/stat), before the bench starts anything. */
+async function hostBusy(ms: number): Promise<number | undefined> {
+  const read = () => {
+    const cpu = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    const idle = cpu[3] + (cpu[4] ?? 0);
+    return { idle, total: cpu.reduce((a, b) => a + b, 0) };
+  };
+  try {
+    const a = read();
+    await sleep(ms);
+    const b = read();
+    return b.total > a.total ? 1 - (b.idle - a.idle) / (b.total - a.total) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Commands
+
+type Side = 'candidate' | 'dpdk';
+
+interface Case {
+  direction: Direction;
+  frameSize: number;
+  name: string;
+}
+
+let testpmdPath = 'dpdk-testpmd';
+let pinning: { backend: number; client: number } | undefined;
+let candidateIsVhostTs = false;
+let runCounter = 0;
+
+/** testpmd's EAL and forwarding options shared by both roles (DESIGN.md §6); both lcores on one CPU. */
+function testpmd(cpu: number, prefix: string, vdev: string, forward: string[]): Command {
+  return {
+    file: testpmdPath,
+    args: [
+      `--lcores=0@${cpu},1@${cpu}`,
+      '--no-pci',
+      '--no-huge',
+      '-m',
+      '512',
+      `--file-prefix=${prefix}`,
+      '--vdev',
+      vdev,
+      '--',
+      ...forward,
+      '--auto-start',
+      '--nb-cores=1',
+      '--total-num-mbufs=32768',
+      '--no-mlockall',
+      // Statistics every second, flushed per block; also keeps testpmd from reading stdin (it exits at EOF without).
+      '--stats-period',
+      '1',
+    ],
+  };
+}
+
+function frontendCommand(c: Case, socket: string, prefix: string): Command {
+  const forward = c.direction === 'transmit' ? ['--forward-mode=txonly', `--txpkts=${c.frameSize}`] : ['--forward-mode=rxonly'];
+  return pinned(testpmd(pinning?.client ?? 0, prefix, `net_virtio_user0,path=${socket}`, forward), pinning?.client);
+}
+
+function dpdkBackendCommand(c: Case, socket: string, prefix: string): Command {
+  const forward = c.direction === 'transmit' ? ['--forward-mode=rxonly'] : ['--forward-mode=txonly', `--txpkts=${c.frameSize}`];
+  return pinned(testpmd(pinning?.backend ?? 0, prefix, `net_vhost0,iface=${socket},queues=1`, forward), pinning?.backend);
+}
+
+function vhostTsCommand(c: Case, socket: string): Command {
+  const args = [vhostTsBin, 'net', '--socket-path', socket, '--queues', '1'];
+  if (c.direction === 'transmit') args.push('--backend', 'sink');
+  else args.push('--backend', 'source', '--frame-size', String(c.frameSize));
+  return pinned({ file: process.execPath, args }, pinning?.backend);
+}
+
+/** The command lines, with placeholders, for the report. */
+const commandLines = new Map<string, string>();
+
+function remember(label: string, cmd: Command, socket: string, prefix: string | undefined): void {
+  let line = shellLine(cmd).split(socket).join('SOCK');
+  if (prefix) line = line.split(prefix).join('PREFIX');
+  line = line
+    .split(vhostTsBin)
+    .join(opts['vhost-ts'] === undefined ? 'bin/vhost-ts.mjs' : vhostTsBin)
+    .split(process.execPath)
+    .join('node')
+    .split(testpmdPath)
+    .join('dpdk-testpmd')
+    .replace(/--txpkts=\d+/, '--txpkts=FRAME')
+    .replace(/--frame-size \d+/, '--frame-size FRAME');
+  commandLines.set(label, line);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One run: a backend and a frontend, warm-up, window, stop both.
+
+interface Run {
+  side: Side;
+  rep: number;
+  mpps: number;
+  /** Bytes per packet counted at the frontend over the window (should equal the frame size). */
+  bytesPerPacket: number;
+  seconds: number;
+  /** The window by our own clock: should match `seconds` (testpmd's clock) closely. */
+  wallSeconds: number;
+  /** Per-second rates within the window (Mpps). */
+  perInterval: number[];
+  /** CPU the frontend process used over the window, as a share of one CPU (testpmd polls: ~1 unless starved). */
+  frontendCpu: number | undefined;
+  /** CPU the backend process used over the window, as a share of one CPU. */
+  backendCpu: number | undefined;
+  /**
+   * Totals from the forward statistics both testpmds print when stopped (DPDK backend only): packets the frontend
+   * sent and the backend received (transmit), or the backend sent and the frontend received (receive).
+   */
+  totals?: { sent: number; received: number };
+}
+
+function sideLabel(side: Side): string {
+  return side === 'dpdk' ? 'DPDK' : candidateIsVhostTs ? 'vhost-ts' : 'DPDK (stand-in)';
+}
+
+async function stopQuietly(p: Proc | undefined): Promise<void> {
+  if (p) await p.stop();
+}
+
+/** A run that failed (backend exited, traffic stopped): reported, and the bench goes on with the other runs. */
+class RunFailure extends Error {}
+
+async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
+  const n = runCounter++;
+  const socket = path.join(tempDir!, `net-${n}.sock`);
+  const backendPrefix = `vhost-ts-bench-net-${process.pid}-${n}b`;
+  const frontendPrefix = `vhost-ts-bench-net-${process.pid}-${n}f`;
+  let backend: Proc | undefined;
+  let frontend: Proc | undefined;
+  try {
+    const useVhostTs = side === 'candidate' && candidateIsVhostTs;
+    const backendCmd = useVhostTs ? vhostTsCommand(c, socket) : dpdkBackendCommand(c, socket, backendPrefix);
+    if (!useVhostTs) runtimeDirs.add(dpdkRuntimeDir(backendPrefix));
+    remember(`${c.direction} backend ${useVhostTs ? 'vhost-ts' : 'DPDK'}`, backendCmd, socket, useVhostTs ? undefined : backendPrefix);
+    backend = procs.start(`${sideLabel(side)} backend`, backendCmd);
+    const backendStats = useVhostTs ? undefined : new TestpmdStats(backend);
+    await waitForSocketFile(backend, socket, useVhostTs ? 60_000 : 30_000);
+    // bind() creates the file before listen(): give the backend a moment before the frontend connects.
+    await sleep(200);
+
+    const frontendCmd = frontendCommand(c, socket, frontendPrefix);
+    runtimeDirs.add(dpdkRuntimeDir(frontendPrefix));
+    remember(`${c.direction} frontend`, frontendCmd, socket, frontendPrefix);
+    frontend = procs.start('testpmd frontend (virtio-user)', frontendCmd);
+    const stats = new TestpmdStats(frontend);
+    const dir = c.direction === 'transmit' ? 'tx' : 'rx';
+    const counted = () => {
+      const b = stats.blocks.at(-1);
+      return b === undefined ? 0 : dir === 'tx' ? b.txPackets : b.rxPackets;
+    };
+    const failure = (what: string) =>
+      new RunFailure(`${c.name}, ${sideLabel(side)}: ${what}\n${frontend!.describe()}\n${backend!.describe()}`);
+    const check = () => {
+      if (!backend!.running) throw failure('the backend exited');
+      if (!frontend!.running) throw failure('the frontend exited');
+    };
+
+    // Traffic: the first block with packets counted (the link comes up once the backend has the rings).
+    const deadline = performance.now() + 30_000;
+    while (counted() === 0) {
+      check();
+      if (performance.now() > deadline) throw failure('no packets counted at the frontend within 30 s');
+      await stats.waitForBlocks(stats.blocks.length + 1, 5000, frontend);
+    }
+    const first = stats.blocks.length - 1;
+    const from = first + warmupSeconds;
+    const to = from + windowSeconds;
+    let cpuFrom: [number | undefined, number | undefined, number] | undefined;
+    for (let want = first + 1; want <= to + 1; want++) {
+      if (!(await stats.waitForBlocks(want, 10_000, frontend))) {
+        check();
+        throw failure(`no statistics from the frontend for 10 s (expected one a second)`);
+      }
+      if (want === from + 1) cpuFrom = [cpuSeconds(frontend.pid), cpuSeconds(backend.pid), performance.now()];
+    }
+    check();
+    const cpuTo: [number | undefined, number | undefined, number] = [cpuSeconds(frontend.pid), cpuSeconds(backend.pid), performance.now()];
+    const w = windowBetween(stats.blocks, from, to, dir);
+    if (w.packets <= 0) throw failure(`no packets in the measured window (${counted()} counted before it)`);
+    const share = (i: 0 | 1) => {
+      const a = cpuFrom?.[i];
+      const b = cpuTo[i];
+      return a === undefined || b === undefined ? undefined : (b - a) / ((cpuTo[2] - cpuFrom![2]) / 1000);
+    };
+    // Frontend first: it disconnects cleanly (GET_VRING_BASE) while the backend is still there.
+    await frontend.stop();
+    await backend.stop();
+    const f = stats.forward.find((x) => x.port === 0);
+    const b = backendStats?.forward.find((x) => x.port === 0);
+    const totals =
+      f && b
+        ? c.direction === 'transmit'
+          ? { sent: f.txPackets, received: b.rxPackets }
+          : { sent: b.txPackets, received: f.rxPackets }
+        : undefined;
+    return {
+      side,
+      rep,
+      totals,
+      mpps: w.packets / w.seconds / 1e6,
+      bytesPerPacket: w.bytes / w.packets,
+      seconds: w.seconds,
+      wallSeconds: w.wallSeconds,
+      perInterval: w.perInterval.map((x) => x / 1e6),
+      frontendCpu: share(0),
+      backendCpu: share(1),
+    };
+  } finally {
+    await stopQuietly(frontend);
+    await stopQuietly(backend);
+    fs.rmSync(socket, { force: true });
+    removeRuntimeDirs();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+interface Measured {
+  case: Case;
+  runs: Record<Side, Run[]>;
+  failures: { side: Side; rep: number; error: string }[];
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+
+const warnings: string[] = [];
+
+function checkRun(c: Case, r: Run): void {
+  const label = `${c.name}, ${sideLabel(r.side)}`;
+  if (Math.abs(r.bytesPerPacket - c.frameSize) > 0.5) {
+    warnings.push(`${label}: ${r.bytesPerPacket.toFixed(1)} bytes per packet counted at the frontend, expected ${c.frameSize}`);
+  }
+  if (r.frontendCpu !== undefined && r.frontendCpu < 0.9) {
+    warnings.push(`${label}: the frontend got ${(r.frontendCpu * 100).toFixed(0)}% of its CPU (other processes competed?)`);
+  }
+  // The rings hold 256 descriptors each: at most that many sent packets can be in flight when the frontend stops.
+  if (r.totals && (r.totals.received > r.totals.sent || r.totals.sent - r.totals.received > 1024)) {
+    warnings.push(`${label}: ${r.totals.sent} packets sent, ${r.totals.received} received (testpmd forward statistics)`);
+  }
+  const idle = r.perInterval.filter((x) => x === 0).length;
+  if (idle > 0) warnings.push(`${label}: no packets in ${idle} of the window's ${r.perInterval.length} seconds (traffic stalled)`);
+  if (Math.abs(r.wallSeconds - r.seconds) > 0.1 * r.seconds) {
+    warnings.push(`${label}: window ${r.seconds.toFixed(2)} s by testpmd's clock, ${r.wallSeconds.toFixed(2)} s by ours`);
+  }
+}
+
+async function measure(c: Case, index: number): Promise<Measured> {
+  const runs: Record<Side, Run[]> = { candidate: [], dpdk: [] };
+  const failures: Measured['failures'] = [];
+  for (let r = 0; r < reps; r++) {
+    const order: Side[] = (r + index) % 2 === 0 ? ['candidate', 'dpdk'] : ['dpdk', 'candidate'];
+    for (const side of order) {
+      let run: Run;
+      try {
+        run = await runOnce(c, side, r);
+      } catch (e) {
+        if (interrupted || !(e instanceof RunFailure)) throw e;
+        failures.push({ side, rep: r, error: e.message });
+        log(`${c.name} rep ${r + 1}/${reps}: ${sideLabel(side)} FAILED: ${e.message}`);
+        continue;
+      }
+      checkRun(c, run);
+      runs[side].push(run);
+      const cpu = (x: number | undefined) => (x === undefined ? '?' : `${(x * 100).toFixed(0)}%`);
+      log(
+        `${c.name} rep ${r + 1}/${reps}: ${sideLabel(side).padEnd(15)} ${run.mpps.toFixed(3)} Mpps ` +
+          `(per second ${run.perInterval.map((x) => x.toFixed(2)).join(' ')}; CPU frontend ${cpu(run.frontendCpu)}, backend ${cpu(run.backendCpu)})`,
+      );
+    }
+  }
+  return { case: c, runs, failures };
+}
+
+const gbps = (mpps: number, frameSize: number) => (mpps * 1e6 * frameSize * 8) / 1e9;
+
+function table(rows: string[][]): string {
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  const line = (r: string[]) => r.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ');
+  return [line(rows[0]), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.slice(1).map(line)].join('\n');
+}
+
+async function main(): Promise<void> {
+  testpmdPath = checkDpdk();
+  const dpdkVersion = testpmdVersion(testpmdPath);
+  const version = sourceVersion();
+
+  const net = opts['dpdk-only'] ? { ok: false, why: '--dpdk-only', help: '' } : vhostTsNetAvailable();
+  candidateIsVhostTs = net.ok;
+  if (!net.ok) log(`vhost-ts net not used (${net.why}): DPDK's vhost PMD stands in for vhost-ts, to prove the plumbing`);
+
+  const cpus = os.availableParallelism();
+  if (!opts['no-pin']) {
+    if (!which('taskset')) log('taskset not found: running unpinned (install util-linux)');
+    else if (Math.max(backendCpuOpt, clientCpuOpt) >= cpus || backendCpuOpt === clientCpuOpt) {
+      log(`cannot pin the backends to CPU ${backendCpuOpt} and the frontend to CPU ${clientCpuOpt} with ${cpus} CPUs: running unpinned`);
+    } else pinning = { backend: backendCpuOpt, client: clientCpuOpt };
+  }
+
+  const busy = await hostBusy(1000);
+  if (busy !== undefined && busy > 0.1) {
+    log(`the CPUs were ${(busy * 100).toFixed(0)}% busy before the bench started: other work will skew the results`);
+  }
+
+  tempDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhost-ts-bench-net-'));
+  if (tempDir.includes(',')) throw new Error(`temporary directory ${tempDir} has a comma, which DPDK's devargs cannot take`);
+
+  const cases: Case[] = directions.flatMap((direction) =>
+    frameSizes.map((frameSize) => ({ direction, frameSize, name: `${direction} ${frameSize} B` })),
+  );
+  const measured: Measured[] = [];
+  for (const c of cases) measured.push(await measure(c, measured.length));
+  if (measured.some((m) => m.failures.length > 0)) process.exitCode = 1;
+
+  const candidate = candidateIsVhostTs ? 'vhost-ts' : 'DPDK (stand-in)';
+  const results: { name: string; value: number; unit: string; reference: number; ratio: number }[] = [];
+  for (const m of measured) {
+    if (m.runs.candidate.length === 0 || m.runs.dpdk.length === 0) continue;
+    const v = median(m.runs.candidate.map((r) => r.mpps));
+    const d = median(m.runs.dpdk.map((r) => r.mpps));
+    const suffix = candidateIsVhostTs ? '' : ' (DPDK stand-in for vhost-ts)';
+    results.push({ name: `${m.case.name}${suffix}`, value: v, unit: 'Mpps', reference: d, ratio: v / d });
+    results.push({
+      name: `${m.case.name}${suffix}, Gbit/s`,
+      value: gbps(v, m.case.frameSize),
+      unit: 'Gbit/s',
+      reference: gbps(d, m.case.frameSize),
+      ratio: v / d,
+    });
+  }
+
+  const pinText = pinning
+    ? `backend pinned to CPU ${pinning.backend}, testpmd frontend to CPU ${pinning.client} (taskset; testpmd lcores 0 and 1 on that CPU)`
+    : 'unpinned (testpmd lcores 0 and 1 on CPU 0 in each process)';
+  const header = [
+    `frontend: dpdk-testpmd (DPDK ${dpdkVersion}) with virtio-user; backends: ${candidate} vs DPDK's vhost PMD`,
+    `${pinText}; one backend at a time, fresh processes per run; ${reps} rep(s) per case and side, alternating which goes first;`,
+    `${warmupSeconds} s warm-up then a ${windowSeconds} s window counted at the frontend (testpmd's own clock); medians; ratio = ${candidate} / DPDK`,
+    `vhost-ts source: ${version}${candidateIsVhostTs ? '' : ' (not measured: vhost-ts net not available)'}`,
+    ...[...commandLines].map(([k, v]) => `${k}: ${v}`),
+  ];
+  const notes = [
+    'frame size: the bytes testpmd hands to / gets from the device (Ethernet header to payload, no FCS, no virtio-net header);',
+    'Gbit/s = frame bytes x 8 x packets/s, without the 20 bytes of preamble and inter-frame gap (or the 4-byte FCS) a wire would add',
+    'transmit: frontend txonly -> backend sink (vhost-ts) / rxonly (DPDK), counted as the frontend\'s TX packets (enqueued on its TX ring);',
+    'receive: backend source (vhost-ts) / txonly (DPDK) -> frontend rxonly, counted as the frontend\'s RX packets',
+  ];
+
+  if (json) {
+    console.log(
+      JSON.stringify({
+        bench: 'net',
+        results,
+        config: {
+          dpdk: dpdkVersion,
+          vhostTs: candidateIsVhostTs ? version : null,
+          candidate: candidateIsVhostTs ? 'vhost-ts' : 'dpdk-vhost-pmd',
+          reps,
+          warmupSeconds,
+          windowSeconds,
+          pinning: pinning ?? null,
+          gbitIncludesPreambleAndGap: false,
+          commands: Object.fromEntries(commandLines),
+        },
+        runs: measured.map((m) => ({
+          name: m.case.name,
+          frameSize: m.case.frameSize,
+          candidate: m.runs.candidate,
+          dpdk: m.runs.dpdk,
+          failures: m.failures,
+        })),
+        warnings,
+      }),
+    );
+    return;
+  }
+  const rows = [['case', `${candidate} Mpps`, 'Gbit/s', 'DPDK Mpps', 'Gbit/s', 'ratio', 'ratio/rep min-max']];
+  for (const m of measured) {
+    const v = m.runs.candidate.length ? median(m.runs.candidate.map((r) => r.mpps)) : undefined;
+    const d = m.runs.dpdk.length ? median(m.runs.dpdk.map((r) => r.mpps)) : undefined;
+    const perRep = m.runs.candidate.flatMap((r) => {
+      const other = m.runs.dpdk.find((x) => x.rep === r.rep);
+      return other ? [r.mpps / other.mpps] : [];
+    });
+    const failed = (side: Side) => {
+      const n = m.failures.filter((f) => f.side === side).length;
+      return n ? ` (${n} failed)` : '';
+    };
+    rows.push([
+      m.case.name,
+      v === undefined ? 'failed' : `${v.toFixed(3)}${failed('candidate')}`,
+      v === undefined ? '' : gbps(v, m.case.frameSize).toFixed(2),
+      d === undefined ? 'failed' : `${d.toFixed(3)}${failed('dpdk')}`,
+      d === undefined ? '' : gbps(d, m.case.frameSize).toFixed(2),
+      v === undefined || d === undefined ? '' : (v / d).toFixed(2),
+      perRep.length ? `${Math.min(...perRep).toFixed(2)}-${Math.max(...perRep).toFixed(2)}` : '',
+    ]);
+  }
+  const failures = measured.flatMap((m) => m.failures.map((f) => `${m.case.name} rep ${f.rep + 1}: ${sideLabel(f.side)}: ${f.error.split('\n')[0]}`));
+  console.log(
+    [
+      ...header,
+      '',
+      table(rows),
+      '',
+      ...notes,
+      ...(failures.length ? ['', 'failed runs (details above, on stderr):', ...failures.map((f) => `  ${f}`)] : []),
+      ...(warnings.length ? ['', 'warnings:', ...warnings.map((w) => `  ${w}`)] : []),
+    ].join('\n'),
+  );
+}
+
+try {
+  await main();
+} catch (e) {
+  process.exitCode = 1;
+  if (!interrupted) log(`failed: ${(e as Error).stack ?? e}`);
+} finally {
+  await cleanup();
+}
