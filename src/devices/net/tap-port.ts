@@ -98,6 +98,9 @@ export class TapPort implements PortBackend {
       const r = rx.deliver(this.frame, this.bounce.subarray(0, NET_HDR_SIZE));
       if (r === 'no-buffers') {
         this.pending = len;
+        // We consumed buffers outside the queue's own processing, so avail_event is stale: re-arm it, or the
+        // guest's next refill may not kick and both sides wait forever. Buffers that slipped in: go on now.
+        if (rx.queue.enableNotification()) continue;
         this.pause();
         break;
       }
