@@ -590,6 +590,7 @@ async function main(): Promise<void> {
     'Gbit/s = frame bytes x 8 x packets/s, without the 20 bytes of preamble and inter-frame gap (or the 4-byte FCS) a wire would add',
     'transmit: frontend txonly -> backend sink (vhost-ts) / rxonly (DPDK), counted as the frontend\'s TX packets (enqueued on its TX ring);',
     'receive: backend source (vhost-ts) / txonly (DPDK) -> frontend rxonly, counted as the frontend\'s RX packets',
+    'CPU: the backend process\'s CPU time over the window / the window (median; DPDK\'s lcore polls, so ~100% unless other work competes)',
   ];
 
   if (json) {
@@ -620,7 +621,12 @@ async function main(): Promise<void> {
     );
     return;
   }
-  const rows = [['case', `${candidate} Mpps`, 'Gbit/s', 'DPDK Mpps', 'Gbit/s', 'ratio', 'ratio/rep min-max']];
+  const rows = [['case', `${candidate} Mpps`, 'Gbit/s', 'CPU', 'DPDK Mpps', 'Gbit/s', 'CPU', 'ratio', 'ratio/rep min-max']];
+  // The backend's CPU use over the window (median), as a share of its one CPU.
+  const cpuCell = (runs: Run[]) => {
+    const xs = runs.flatMap((r) => (r.backendCpu === undefined ? [] : [r.backendCpu]));
+    return xs.length ? `${(median(xs) * 100).toFixed(0)}%` : '';
+  };
   for (const m of measured) {
     const v = m.runs.candidate.length ? median(m.runs.candidate.map((r) => r.mpps)) : undefined;
     const d = m.runs.dpdk.length ? median(m.runs.dpdk.map((r) => r.mpps)) : undefined;
@@ -636,8 +642,10 @@ async function main(): Promise<void> {
       m.case.name,
       v === undefined ? 'failed' : `${v.toFixed(3)}${failed('candidate')}`,
       v === undefined ? '' : gbps(v, m.case.frameSize).toFixed(2),
+      cpuCell(m.runs.candidate),
       d === undefined ? 'failed' : `${d.toFixed(3)}${failed('dpdk')}`,
       d === undefined ? '' : gbps(d, m.case.frameSize).toFixed(2),
+      cpuCell(m.runs.dpdk),
       v === undefined || d === undefined ? '' : (v / d).toFixed(2),
       perRep.length ? `${Math.min(...perRep).toFixed(2)}-${Math.max(...perRep).toFixed(2)}` : '',
     ]);
