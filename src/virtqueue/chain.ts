@@ -60,12 +60,34 @@ export class DescriptorChain {
 
   /** @internal used by the queue while walking descriptors. */
   reset(memory: GuestMemory, head: number): void {
-    this.memory = memory;
+    if (this.memory !== memory) this.memory = memory; // a compare is cheaper than a store with its write barrier
     this.head = head;
     this.count = 0;
     this.readableCount = 0;
     this.readableBytes = 0;
     this.writableBytes = 0;
+  }
+
+  /**
+   * @internal reset() then addSegment() for a chain of one segment, in one go: the queue's fast path for a lone
+   * descriptor. Segment arrays never shrink below their initial 8 entries, so slot 0 needs no capacity check.
+   */
+  resetOne(memory: GuestMemory, head: number, buffer: number, offset: number, length: number, writable: boolean): void {
+    if (this.memory !== memory) this.memory = memory;
+    this.head = head;
+    this.count = 1;
+    this.segBuffer[0] = buffer;
+    this.segOffset[0] = offset;
+    this.segLength[0] = length;
+    if (writable) {
+      this.readableCount = 0;
+      this.readableBytes = 0;
+      this.writableBytes = length;
+    } else {
+      this.readableCount = 1;
+      this.readableBytes = length;
+      this.writableBytes = 0;
+    }
   }
 
   /** @internal */

@@ -4,8 +4,14 @@
  *
  * It trusts itself: nothing here validates, because the device side is what is under test.
  */
-import type { GuestMemory } from './guest-memory.js';
-import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY } from './split-queue.js';
+import type { GuestMemory, Location } from './guest-memory.js';
+
+// Local copies of split-queue.ts's flags: an imported binding is read from its module cell, with a TDZ check, at
+// every use in compiled code; a module's own consts are folded.
+const F_NEXT = 1;
+const F_WRITE = 2;
+const F_INDIRECT = 4;
+const USED_F_NO_NOTIFY = 1;
 
 export interface SplitRingLayout {
   size: number;
@@ -59,10 +65,19 @@ export class SplitQueueDriver {
   private readonly avail16: Uint16Array;
   private readonly used16: Uint16Array;
   private readonly used32: Uint32Array;
-  private readonly free: number[] = [];
+  // Free descriptor ids are free[0 .. freeTop): a typed stack, so adding and releasing never touch a JS array.
+  private readonly free: Uint16Array;
+  private freeTop = 0;
   private readonly chainLength: Uint16Array;
   private availIdx = 0;
   private kickedAt = 0;
+  // Used entries known to be published and not yet consumed: nextUsed() reads used idx (an Atomics.load, which
+  // V8 does not inline) only when these run out, not once per entry.
+  private usedAhead = 0;
+  // Scratch for add(), so its tuples go through the same allocation-free path as addChain().
+  private scratchAddr = new Float64Array(8);
+  private scratchLength = new Uint32Array(8);
+  private readonly loc: Location = { buffer: 0, offset: 0, span: 0 };
 
   constructor(
     private readonly memory: GuestMemory,
@@ -84,11 +99,12 @@ export class SplitQueueDriver {
     this.used16 = new Uint16Array(u.buffer, u.byteOffset, 3 + 4 * n);
     this.used32 = new Uint32Array(u.buffer, u.byteOffset, 1 + 2 * n);
     this.chainLength = new Uint16Array(n);
-    for (let i = n - 1; i >= 0; i--) this.free.push(i);
+    this.free = new Uint16Array(n);
+    for (let i = n - 1; i >= 0; i--) this.free[this.freeTop++] = i;
   }
 
   get freeCount(): number {
-    return this.free.length;
+    return this.freeTop;
   }
 
   /** Descriptors available to the device and not yet used. */
@@ -102,50 +118,129 @@ export class SplitQueueDriver {
    */
   add(readable: readonly GuestBuffer[], writable: readonly GuestBuffer[], indirectAt?: number): number {
     const total = readable.length + writable.length;
-    if (indirectAt !== undefined) {
-      const table = this.memory.slice(indirectAt, 16 * total);
-      const t32 = new Uint32Array(table.buffer, table.byteOffset, 4 * total);
-      const t16 = new Uint16Array(table.buffer, table.byteOffset, 8 * total);
-      let k = 0;
-      for (const [buffers, flag] of [[readable, 0], [writable, VIRTQ_DESC_F_WRITE]] as const) {
-        for (const [gpa, len] of buffers) {
-          writeDesc(t32, t16, k, gpa, len, flag | (k < total - 1 ? VIRTQ_DESC_F_NEXT : 0), k + 1 < total ? k + 1 : 0);
-          k++;
-        }
-      }
-      return this.addRaw([[indirectAt, 16 * total, VIRTQ_DESC_F_INDIRECT]]);
+    if (total > this.scratchAddr.length) {
+      this.scratchAddr = new Float64Array(total);
+      this.scratchLength = new Uint32Array(total);
     }
-    const descs: [number, number, number][] = [];
-    for (const [gpa, len] of readable) descs.push([gpa, len, 0]);
-    for (const [gpa, len] of writable) descs.push([gpa, len, VIRTQ_DESC_F_WRITE]);
-    return this.addRaw(descs);
+    const addr = this.scratchAddr;
+    const length = this.scratchLength;
+    for (let k = 0; k < readable.length; k++) {
+      addr[k] = readable[k][0];
+      length[k] = readable[k][1];
+    }
+    for (let k = 0; k < writable.length; k++) {
+      addr[readable.length + k] = writable[k][0];
+      length[readable.length + k] = writable[k][1];
+    }
+    return this.addChain(addr, length, total, readable.length, indirectAt ?? -1);
   }
 
-  /** One-descriptor chain without allocating (the benchmark's fast path). Returns the head or -1. */
-  add1(gpa: number, length: number, writable: boolean): number {
-    const head = this.free.pop();
-    if (head === undefined) return -1;
-    writeDesc(this.desc32, this.desc16, head, gpa, length, writable ? VIRTQ_DESC_F_WRITE : 0, 0);
-    this.chainLength[head] = 1;
+  /**
+   * Add a chain of `count` buffers, the first `readableCount` device-readable, from parallel arrays of guest
+   * addresses and lengths, without allocating (reuse the arrays). With `indirectAt` >= 0 the chain goes into an
+   * indirect table written at that guest address (16-byte entries, 4-byte aligned) and takes one descriptor.
+   * Returns the head, or -1 when the table is full.
+   */
+  addChain(addr: ArrayLike<number>, length: ArrayLike<number>, count: number, readableCount: number, indirectAt = -1): number {
+    // Two methods, not two branches: each gets its own type feedback and compiled code, so a program adding both
+    // kinds (the benchmark, one case after the other) does not run one loop compiled around the other.
+    return indirectAt >= 0
+      ? this.addIndirect(addr, length, count, readableCount, indirectAt)
+      : this.addDirect(addr, length, count, readableCount);
+  }
+
+  private addDirect(addr: ArrayLike<number>, length: ArrayLike<number>, count: number, readableCount: number): number {
+    if (count === 0 || count > this.freeTop) return -1;
+    const free = this.free;
+    const d32 = this.desc32;
+    let top = this.freeTop;
+    const head = free[--top];
+    let id = head;
+    for (let k = 0; k < count; k++) {
+      const last = k === count - 1;
+      const next = last ? 0 : free[--top];
+      const flags = (k < readableCount ? 0 : F_WRITE) | (last ? 0 : F_NEXT);
+      writeDesc(d32, 4 * id, addr[k], length[k], flags, next);
+      id = next;
+    }
+    this.freeTop = top;
+    return this.publishHead(head, count);
+  }
+
+  private addIndirect(addr: ArrayLike<number>, length: ArrayLike<number>, count: number, readableCount: number, at: number): number {
+    const loc = this.loc;
+    if (!this.memory.locate(at, 16 * count, loc) || 16 * count > loc.span) {
+      throw new RangeError(`indirect table at 0x${at.toString(16)} is not in one mapped window`);
+    }
+    // Floor, not % 4: the offset is a double, and % on doubles calls fmod.
+    const word = (this.memory.byteOffsetOf(loc.buffer) + loc.offset) / 4;
+    if (word !== Math.floor(word)) throw new RangeError(`indirect table at 0x${at.toString(16)} is not 4-byte aligned`);
+    const t32 = this.memory.words32(loc.buffer);
+    if (word + 4 * count > t32.length || word > 0x7fffffff) {
+      throw new RangeError(`indirect table at 0x${at.toString(16)} is beyond the word view of its mapping`);
+    }
+    const base = word | 0;
+    for (let k = 0; k < count; k++) {
+      const last = k === count - 1;
+      const flags = (k < readableCount ? 0 : F_WRITE) | (last ? 0 : F_NEXT);
+      writeDesc(t32, base + 4 * k, addr[k], length[k], flags, last ? 0 : k + 1);
+    }
+    return this.add1Raw(at, 16 * count, F_INDIRECT);
+  }
+
+  private add1Raw(gpa: number, length: number, flags: number): number {
+    if (this.freeTop === 0) return -1;
+    const head = this.free[--this.freeTop];
+    writeDesc(this.desc32, 4 * head, gpa, length, flags, 0);
+    return this.publishHead(head, 1);
+  }
+
+  private publishHead(head: number, count: number): number {
+    this.chainLength[head] = count;
     this.avail16[2 + (this.availIdx & (this.size - 1))] = head;
     this.availIdx = (this.availIdx + 1) & 0xffff;
     return head;
   }
 
+  /** One-descriptor chain without allocating (the benchmark's fast path). Returns the head or -1. */
+  add1(gpa: number, length: number, writable: boolean): number {
+    // Flat rather than through add1Raw: the benchmarks' driver calls this once per chain, and one small body
+    // inlines whole into their loops.
+    const top = this.freeTop;
+    if (top === 0) return -1;
+    const head = this.free[top - 1];
+    this.freeTop = top - 1;
+    const d32 = this.desc32;
+    const w = 4 * head;
+    const lo = gpa >>> 0;
+    d32[w] = lo;
+    d32[w + 1] = (gpa - lo) / 4294967296;
+    d32[w + 2] = length;
+    d32[w + 3] = writable ? F_WRITE : 0; // flags, and next = 0
+    this.chainLength[head] = 1;
+    const avail = this.availIdx;
+    this.avail16[2 + (avail & (this.size - 1))] = head;
+    this.availIdx = (avail + 1) & 0xffff;
+    return head;
+  }
+
   /** Add descriptors with explicit flags (NEXT is set between them); returns the head or -1. */
   addRaw(descs: readonly (readonly [gpa: number, length: number, flags: number])[]): number {
-    if (descs.length === 0 || descs.length > this.free.length) return -1;
-    const ids: number[] = [];
-    for (let k = 0; k < descs.length; k++) ids.push(this.free.pop()!);
-    for (let k = 0; k < descs.length; k++) {
+    const count = descs.length;
+    if (count === 0 || count > this.freeTop) return -1;
+    const free = this.free;
+    let top = this.freeTop;
+    const head = free[--top];
+    let id = head;
+    for (let k = 0; k < count; k++) {
       const [gpa, len, flags] = descs[k];
-      const last = k === descs.length - 1;
-      writeDesc(this.desc32, this.desc16, ids[k], gpa, len, flags | (last ? 0 : VIRTQ_DESC_F_NEXT), last ? 0 : ids[k + 1]);
+      const last = k === count - 1;
+      const next = last ? 0 : free[--top];
+      writeDesc(this.desc32, 4 * id, gpa, len, flags | (last ? 0 : F_NEXT), next);
+      id = next;
     }
-    this.chainLength[ids[0]] = descs.length;
-    this.avail16[2 + (this.availIdx & (this.size - 1))] = ids[0];
-    this.availIdx = (this.availIdx + 1) & 0xffff;
-    return ids[0];
+    this.freeTop = top;
+    return this.publishHead(head, count);
   }
 
   /** Make added chains visible; returns whether the device asked to be kicked. */
@@ -158,19 +253,26 @@ export class SplitQueueDriver {
       const availEvent = Atomics.load(this.used16, 2 + 4 * this.size);
       return ((now - availEvent - 1) & 0xffff) < ((now - old) & 0xffff);
     }
-    return (Atomics.load(this.used16, 0) & VIRTQ_USED_F_NO_NOTIFY) === 0;
+    return (Atomics.load(this.used16, 0) & USED_F_NO_NOTIFY) === 0;
   }
 
   /** Next used head (its length in lastUsedLen), or -1 when the device has returned nothing new. */
   nextUsed(): number {
-    if (Atomics.load(this.used16, 1) === this.lastUsedIdx) return -1;
-    const slot = this.lastUsedIdx & (this.size - 1);
-    const id = this.used32[1 + 2 * slot];
-    this.lastUsedLen = this.used32[2 + 2 * slot];
-    this.lastUsedIdx = (this.lastUsedIdx + 1) & 0xffff;
+    if (this.usedAhead === 0 && !this.refillUsed()) return -1;
+    this.usedAhead--;
+    const last = this.lastUsedIdx;
+    const at = 1 + 2 * (last & (this.size - 1));
+    const id = this.used32[at];
+    this.lastUsedLen = this.used32[at + 1];
+    this.lastUsedIdx = (last + 1) & 0xffff;
     if (id < this.size) this.release(id);
     if (this.eventIdx) Atomics.store(this.avail16, 2 + this.size, this.lastUsedIdx);
     return id;
+  }
+
+  private refillUsed(): boolean {
+    this.usedAhead = (Atomics.load(this.used16, 1) - this.lastUsedIdx) & 0xffff;
+    return this.usedAhead !== 0;
   }
 
   /** Used idx as the device last published it. */
@@ -190,7 +292,7 @@ export class SplitQueueDriver {
 
   // Raw writes for tests that play a malicious guest.
   writeDescriptor(i: number, gpa: number, length: number, flags: number, next: number): void {
-    writeDesc(this.desc32, this.desc16, i, gpa, length, flags, next);
+    writeDesc(this.desc32, 4 * i, gpa, length, flags, next);
   }
 
   /** Put `head` in the next avail slot without touching the free list; publish() makes it visible. */
@@ -206,18 +308,23 @@ export class SplitQueueDriver {
   }
 
   private release(head: number): void {
+    const free = this.free;
+    let top = this.freeTop;
     let i = head;
-    for (let k = this.chainLength[head]; k > 0; k--) {
-      this.free.push(i);
+    // Bounded by the stack: a misbehaving device returning a chain twice must not push ids past its end.
+    for (let k = this.chainLength[head]; k > 0 && top < free.length; k--) {
+      free[top++] = i;
       i = this.desc16[8 * i + 7];
     }
+    this.freeTop = top;
   }
 }
 
-function writeDesc(d32: Uint32Array, d16: Uint16Array, i: number, gpa: number, len: number, flags: number, next: number): void {
-  d32[4 * i] = gpa >>> 0;
-  d32[4 * i + 1] = Math.floor(gpa / 4294967296);
-  d32[4 * i + 2] = len;
-  d16[8 * i + 6] = flags;
-  d16[8 * i + 7] = next;
+/** Write the descriptor whose first 32-bit word is `w` in `d32`. */
+function writeDesc(d32: Uint32Array, w: number, gpa: number, len: number, flags: number, next: number): void {
+  const lo = gpa >>> 0;
+  d32[w] = lo;
+  d32[w + 1] = (gpa - lo) / 4294967296; // exact: gpa - lo is a multiple of 2^32
+  d32[w + 2] = len;
+  d32[w + 3] = (flags & 0xffff) | (next << 16); // u16 flags then u16 next, little-endian like every view here
 }

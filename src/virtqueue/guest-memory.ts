@@ -44,11 +44,19 @@ export class GuestMemory {
   readonly bufferHostAddr: readonly number[];
   readonly regions: readonly GuestRegion[];
 
-  // Parallel arrays for the hot lookup: region start, end (exclusive), first buffer index.
-  private readonly starts: number[];
-  private readonly ends: number[];
-  private readonly firstBuffer: number[];
-  private lastHit = 0;
+  // Parallel arrays per region (start, end exclusive, first buffer index) and per buffer, for the lookup.
+  private readonly starts: Float64Array;
+  private readonly ends: Float64Array;
+  private readonly firstBuffer: Uint32Array;
+  private readonly bufferLength: Uint32Array;
+  private readonly bufferByteOffset: Float64Array;
+  // The window of the last successful lookup: guest address of its first byte, its length, its buffer, and the
+  // end of its region. Buffers of one request sit close together, so most lookups are a subtraction and two
+  // compares against these, with no region search and no array loads.
+  private hitStart = 0;
+  private hitLength = 0;
+  private hitBuffer = 0;
+  private hitEnd = 0;
   private readonly w32: (Uint32Array | undefined)[] = [];
   private readonly w16: (Uint16Array | undefined)[] = [];
 
@@ -56,10 +64,11 @@ export class GuestMemory {
     const sorted = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
     const buffers: Uint8Array[] = [];
     const hostAddr: number[] = [];
-    this.starts = [];
-    this.ends = [];
-    this.firstBuffer = [];
-    for (let i = 0; i < sorted.length; i++) {
+    const n = sorted.length;
+    this.starts = new Float64Array(n);
+    this.ends = new Float64Array(n);
+    this.firstBuffer = new Uint32Array(n);
+    for (let i = 0; i < n; i++) {
       const r = sorted[i];
       checkRegion(r);
       if (i > 0 && r.guestPhysAddr < this.ends[i - 1]) {
@@ -68,9 +77,9 @@ export class GuestMemory {
           `memory region at guest address 0x${r.guestPhysAddr.toString(16)} overlaps the region before it`,
         );
       }
-      this.starts.push(r.guestPhysAddr);
-      this.ends.push(r.guestPhysAddr + r.size);
-      this.firstBuffer.push(buffers.length);
+      this.starts[i] = r.guestPhysAddr;
+      this.ends[i] = r.guestPhysAddr + r.size;
+      this.firstBuffer[i] = buffers.length;
       for (let w = 0; w < r.windows.length; w++) {
         buffers.push(r.windows[w]);
         hostAddr.push(r.hostAddr === 0 ? 0 : r.hostAddr + w * WINDOW_SIZE);
@@ -79,6 +88,8 @@ export class GuestMemory {
     this.regions = sorted;
     this.buffers = buffers;
     this.bufferHostAddr = hostAddr;
+    this.bufferLength = Uint32Array.from(buffers, (b) => b.length);
+    this.bufferByteOffset = Float64Array.from(buffers, (b) => b.byteOffset);
   }
 
   /** An empty address space: every access fails. */
@@ -128,19 +139,48 @@ export class GuestMemory {
    * buffer (window) of the same region when `length > out.span`.
    */
   locate(gpa: number, length: number, out: Location): boolean {
-    let r = this.lastHit;
-    if (!(gpa >= this.starts[r] && gpa < this.ends[r])) {
-      r = this.findRegion(gpa);
-      if (r < 0) return false;
-      this.lastHit = r;
-    }
-    if (length > this.ends[r] - gpa) return false;
+    const rel = gpa - this.hitStart;
+    if (!(rel >= 0 && rel < this.hitLength)) return this.locateSlow(gpa, length, out);
+    if (length > this.hitEnd - gpa) return false;
+    out.buffer = this.hitBuffer;
+    out.offset = rel;
+    out.span = this.hitLength - rel;
+    return true;
+  }
+
+  /**
+   * {@link locate} for a caller that only needs an offset, without writing an out-object: the offset of `gpa` in
+   * buffer {@link lastBuffer} when all `length` bytes lie in the window the last successful lookup landed in,
+   * else -1 (then ask locate, which also moves the cache). The ring walker's per-descriptor lookup.
+   */
+  offsetInLastWindow(gpa: number, length: number): number {
+    const rel = gpa - this.hitStart;
+    // A window lies inside its region, so a range that fits the window fits the region.
+    return rel >= 0 && rel < this.hitLength && length <= this.hitLength - rel ? rel : -1;
+  }
+
+  /** Index into {@link buffers} of the window the last successful lookup landed in. */
+  get lastBuffer(): number {
+    return this.hitBuffer;
+  }
+
+  // Outside the cached window: find the region and window and cache them. Out of line so that locate stays small
+  // enough for V8 to inline into the ring walker.
+  private locateSlow(gpa: number, length: number, out: Location): boolean {
+    const r = this.findRegion(gpa);
+    if (r < 0) return false;
     const rel = gpa - this.starts[r];
     const w = rel >= WINDOW_SIZE ? Math.floor(rel / WINDOW_SIZE) : 0;
+    const buffer = this.firstBuffer[r] + w;
+    this.hitStart = this.starts[r] + w * WINDOW_SIZE;
+    this.hitLength = this.bufferLength[buffer];
+    this.hitBuffer = buffer;
+    this.hitEnd = this.ends[r];
+    if (length > this.hitEnd - gpa) return false;
     const offset = rel - w * WINDOW_SIZE;
-    out.buffer = this.firstBuffer[r] + w;
+    out.buffer = buffer;
     out.offset = offset;
-    out.span = this.buffers[out.buffer].length - offset;
+    out.span = this.hitLength - offset;
     return true;
   }
 
@@ -152,6 +192,14 @@ export class GuestMemory {
     return (this.w32[i] ??= new Uint32Array(this.buffers[i].buffer, 0, this.buffers[i].buffer.byteLength >>> 2));
   }
 
+  /**
+   * `buffers[i].byteOffset`, from a typed array: the walker needs it per indirect table, and a load from here
+   * is cheaper than the accessor on a view fetched from a JS array.
+   */
+  byteOffsetOf(i: number): number {
+    return this.bufferByteOffset[i];
+  }
+
   /** As {@link words32}, 16-bit. */
   words16(i: number): Uint16Array {
     return (this.w16[i] ??= new Uint16Array(this.buffers[i].buffer, 0, this.buffers[i].buffer.byteLength >>> 1));
@@ -160,8 +208,9 @@ export class GuestMemory {
   /** Index of the region holding `gpa`, or -1. */
   findRegion(gpa: number): number {
     const starts = this.starts;
+    const ends = this.ends;
     for (let i = 0; i < starts.length; i++) {
-      if (gpa >= starts[i] && gpa < this.ends[i]) return i;
+      if (gpa >= starts[i] && gpa < ends[i]) return i;
     }
     return -1;
   }

@@ -13,16 +13,25 @@ import { DescriptorChain } from './chain.js';
 import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
 
-export const VIRTQ_DESC_F_NEXT = 1;
-export const VIRTQ_DESC_F_WRITE = 2;
-export const VIRTQ_DESC_F_INDIRECT = 4;
-export const VIRTQ_USED_F_NO_NOTIFY = 1;
-export const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
-export const MAX_QUEUE_SIZE = 32768;
-/** Largest indirect table we accept (entries). Linux may exceed the queue size with indirect tables. */
-export const MAX_INDIRECT_ENTRIES = 4096;
-
+// The code below uses these module-private names: V8 folds a module's own non-exported consts into compiled
+// code, but reads an exported binding from its cell, with a TDZ check, at every use.
+const F_NEXT = 1;
+const F_WRITE = 2;
+const F_INDIRECT = 4;
+const USED_F_NO_NOTIFY = 1;
+const AVAIL_F_NO_INTERRUPT = 1;
+const QUEUE_SIZE_MAX = 32768;
+const INDIRECT_ENTRIES_MAX = 4096;
 const DESC_SIZE = 16;
+
+export const VIRTQ_DESC_F_NEXT = F_NEXT;
+export const VIRTQ_DESC_F_WRITE = F_WRITE;
+export const VIRTQ_DESC_F_INDIRECT = F_INDIRECT;
+export const VIRTQ_USED_F_NO_NOTIFY = USED_F_NO_NOTIFY;
+export const VIRTQ_AVAIL_F_NO_INTERRUPT = AVAIL_F_NO_INTERRUPT;
+export const MAX_QUEUE_SIZE = QUEUE_SIZE_MAX;
+/** Largest indirect table we accept (entries). Linux may exceed the queue size with indirect tables. */
+export const MAX_INDIRECT_ENTRIES = INDIRECT_ENTRIES_MAX;
 
 export interface SplitQueueConfig {
   /** Queue index, for error messages. */
@@ -70,7 +79,10 @@ export class SplitQueue {
   private used16!: Uint16Array;
   private used32!: Uint32Array;
 
+  // Free chains are pool[0 .. poolTop). A stack with its own top rather than Array pop/push: pop() validates
+  // into the top chain and only then takes it, so a bad chain needs no try/catch to go back.
   private readonly pool: DescriptorChain[] = [];
+  private poolTop = 0;
   private shadowAvailIdx: number;
   private signalledUsed = 0;
   private signalledUsedValid = false;
@@ -80,14 +92,14 @@ export class SplitQueue {
 
   constructor(cfg: SplitQueueConfig) {
     this.index = cfg.index;
-    if (!(cfg.size > 0 && cfg.size <= MAX_QUEUE_SIZE && (cfg.size & (cfg.size - 1)) === 0)) {
-      throw new VirtqueueError('BAD_RING', cfg.index, `queue size ${cfg.size} is not a power of 2 up to ${MAX_QUEUE_SIZE}`);
+    if (!(cfg.size > 0 && cfg.size <= QUEUE_SIZE_MAX && (cfg.size & (cfg.size - 1)) === 0)) {
+      throw new VirtqueueError('BAD_RING', cfg.index, `queue size ${cfg.size} is not a power of 2 up to ${QUEUE_SIZE_MAX}`);
     }
     this.size = cfg.size;
     this.mask = cfg.size - 1;
     this.eventIdx = cfg.eventIdx;
     this.indirect = cfg.indirect;
-    this.maxSegments = cfg.maxSegments ?? cfg.size + MAX_INDIRECT_ENTRIES;
+    this.maxSegments = cfg.maxSegments ?? cfg.size + INDIRECT_ENTRIES_MAX;
     this.descAddr = cfg.descAddr;
     this.availAddr = cfg.availAddr;
     this.usedAddr = cfg.usedAddr;
@@ -120,33 +132,66 @@ export class SplitQueue {
    * broken) when the guest broke the rules; the chain's slot is consumed either way.
    */
   pop(): DescriptorChain | null {
-    if (this.broken) return null;
-    if (this.shadowAvailIdx === this.lastAvailIdx) {
-      const idx = Atomics.load(this.avail16, 1);
-      if (idx === this.lastAvailIdx) return null;
-      if (((idx - this.lastAvailIdx) & 0xffff) > this.size) {
-        return this.fail('AVAIL_IDX', `avail idx moved from ${this.lastAvailIdx} to ${idx}, more than the queue size ${this.size}`);
-      }
-      this.shadowAvailIdx = idx;
+    // Kept small (the rest is in refill, badHead, newChain and walk) so that V8 inlines pop into the device's loop.
+    if (this.broken !== null) return null;
+    const last = this.lastAvailIdx;
+    if (this.shadowAvailIdx === last && !this.refill(last)) return null;
+    const head = this.avail16[2 + (last & this.mask)];
+    this.lastAvailIdx = (last + 1) & 0xffff;
+    if (head >= this.size) this.badHead(head);
+    const top = this.poolTop === 0 ? this.newChain() : this.poolTop;
+    const chain = this.pool[top - 1];
+    const memory = this.memory;
+    const w = 4 * head;
+    const flags = this.desc16[2 * w + 6];
+    const d32 = this.desc32;
+    const len = d32[w + 2];
+    const hi = d32[w + 1];
+    const loc = this.loc;
+    if (
+      (flags & (F_NEXT | F_INDIRECT)) === 0 &&
+      len > 0 &&
+      hi <= 0x1fffff &&
+      memory.locate(hi * 4294967296 + d32[w], len, loc) &&
+      len <= loc.span &&
+      this.maxSegments > 0
+    ) {
+      // A lone direct descriptor whose buffer lies in one window (most requests of most devices) skips walk():
+      // it cannot loop, be out of order or name another descriptor, and its buffer has just been checked.
+      chain.resetOne(memory, head, loc.buffer, loc.offset, len, (flags & F_WRITE) !== 0);
+    } else {
+      this.walk(chain, head, flags);
     }
-    const head = this.avail16[2 + (this.lastAvailIdx & this.mask)];
-    this.lastAvailIdx = (this.lastAvailIdx + 1) & 0xffff;
-    if (head >= this.size) return this.fail('BAD_HEAD', `avail ring names descriptor ${head}, the table has ${this.size}`);
-    const chain = this.pool.pop() ?? new DescriptorChain();
-    chain.reset(this.memory, head);
-    try {
-      this.walk(chain, head);
-    } catch (e) {
-      this.pool.push(chain);
-      if (e instanceof VirtqueueError) {
-        this.broken = e;
-        throw e;
-      }
-      throw e;
-    }
+    // Only now is the chain taken from the pool: when validation throws, the pool is left as it was.
+    this.poolTop = top - 1;
     chain.inFlight = true;
     this.inFlightCount++;
     return chain;
+  }
+
+  /** The avail ring looked drained at `last`: read the driver's idx. False when it really is empty. */
+  private refill(last: number): boolean {
+    const idx = Atomics.load(this.avail16, 1);
+    if (idx === last) return false;
+    if (((idx - last) & 0xffff) > this.size) {
+      this.fail('AVAIL_IDX', `avail idx moved from ${last} to ${idx}, more than the queue size ${this.size}`);
+    }
+    this.shadowAvailIdx = idx;
+    return true;
+  }
+
+  private returnedTwice(chain: DescriptorChain): never {
+    throw new VirtqueueError('BAD_USED', this.index, `chain ${chain.head} was returned twice`);
+  }
+
+  private badHead(head: number): never {
+    return this.fail('BAD_HEAD', `avail ring names descriptor ${head}, the table has ${this.size}`);
+  }
+
+  /** Grow the pool by one chain (more chains in flight than ever before); returns the new poolTop. */
+  private newChain(): number {
+    this.pool[this.poolTop++] = new DescriptorChain();
+    return this.poolTop;
   }
 
   /**
@@ -154,23 +199,25 @@ export class SplitQueue {
    * until {@link publish}.
    */
   push(chain: DescriptorChain, written: number): void {
-    if (!chain.inFlight) throw new VirtqueueError('BAD_USED', this.index, `chain ${chain.head} was returned twice`);
+    if (!chain.inFlight) this.returnedTwice(chain);
     chain.inFlight = false;
     this.inFlightCount--;
-    const slot = this.usedIdx & this.mask;
-    this.used32[1 + 2 * slot] = chain.head;
-    this.used32[2 + 2 * slot] = written;
-    this.usedIdx = (this.usedIdx + 1) & 0xffff;
-    this.pool.push(chain);
+    const used = this.usedIdx;
+    const u32 = this.used32;
+    const at = 1 + 2 * (used & this.mask);
+    u32[at] = chain.head;
+    u32[at + 1] = written;
+    this.usedIdx = (used + 1) & 0xffff;
+    this.pool[this.poolTop++] = chain;
   }
 
   /** Return a chain unused: the driver will not see it; the next pop yields it again (avail slot rewound). */
   unpop(chain: DescriptorChain): void {
-    if (!chain.inFlight) throw new VirtqueueError('BAD_USED', this.index, `chain ${chain.head} was returned twice`);
+    if (!chain.inFlight) this.returnedTwice(chain);
     chain.inFlight = false;
     this.inFlightCount--;
     this.lastAvailIdx = (this.lastAvailIdx - 1) & 0xffff;
-    this.pool.push(chain);
+    this.pool[this.poolTop++] = chain;
   }
 
   /**
@@ -182,7 +229,7 @@ export class SplitQueue {
     if (now === this.publishedIdx) return false;
     this.publishedIdx = now;
     Atomics.store(this.used16, 1, now); // full barrier: the reads below see the driver's latest state
-    if (!this.eventIdx) return (Atomics.load(this.avail16, 0) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+    if (!this.eventIdx) return (Atomics.load(this.avail16, 0) & AVAIL_F_NO_INTERRUPT) === 0;
     const old = this.signalledUsed;
     const valid = this.signalledUsedValid;
     this.signalledUsed = now;
@@ -194,7 +241,7 @@ export class SplitQueue {
 
   /** Ask the driver not to kick while we are busy (no-op with EVENT_IDX, where avail_event does the job). */
   disableNotification(): void {
-    if (!this.eventIdx) Atomics.store(this.used16, 0, VIRTQ_USED_F_NO_NOTIFY);
+    if (!this.eventIdx) Atomics.store(this.used16, 0, USED_F_NO_NOTIFY);
   }
 
   /**
@@ -217,63 +264,102 @@ export class SplitQueue {
     throw this.broken;
   }
 
-  private walk(chain: DescriptorChain, head: number): void {
-    // Descriptors are read through 32- and 16-bit views; an indirect table switches the views to the guest
-    // memory window holding it (word views cached by GuestMemory), so walking allocates nothing.
-    let d32 = this.desc32;
-    let d16 = this.desc16;
-    let base = 0; // index of the table's first u32 in d32
-    let tableSize = this.size;
-    let i = head;
+  /** Everything but a lone in-window descriptor: walk the chain from `head` (whose flags are `flags`) into `chain`. */
+  private walk(chain: DescriptorChain, head: number, flags: number): void {
+    chain.reset(this.memory, head);
+    if (flags & F_INDIRECT) this.walkIndirect(chain, head);
+    else this.walkTable(chain, head, this.desc32, this.desc16, 0, this.size, head, false);
+  }
+
+  /** Validate the indirect head descriptor `head` and walk its table into `chain`. */
+  private walkIndirect(chain: DescriptorChain, head: number): void {
+    // Separate from walkTable so that the table loop has the same type feedback and compiled code whether it
+    // walks the ring's table or an indirect one: a program that meets indirect chains only after many direct
+    // ones (or the reverse) keeps the loop's code instead of recompiling it around a newly taken branch.
+    const d32 = this.desc32;
+    const w = 4 * head;
+    const flags = this.desc16[2 * w + 6];
+    if (!this.indirect) this.fail('BAD_INDIRECT', `chain from head ${head} uses an indirect table, but INDIRECT_DESC was not negotiated`);
+    if (flags & F_NEXT) {
+      this.fail('BAD_INDIRECT', `chain from head ${head}: an indirect descriptor must be the only one in its chain`);
+    }
+    const len = d32[w + 2];
+    if (len === 0 || (len & (DESC_SIZE - 1)) !== 0 || len > DESC_SIZE * INDIRECT_ENTRIES_MAX) {
+      this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table of ${len} bytes (need a multiple of 16, at most ${INDIRECT_ENTRIES_MAX} entries)`);
+    }
+    const gpa = this.address(d32[w], d32[w + 1], head);
+    const memory = this.memory;
+    const loc = this.loc;
+    if (!memory.locate(gpa, len, loc) || len > loc.span) {
+      this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)}+${len} is not in one mapped range`);
+    }
+    // Floor rather than % 4: the offset is a double (it may pass 2^32 in a large ArrayBuffer) and % on doubles
+    // is a call to fmod.
+    const word = (memory.byteOffsetOf(loc.buffer) + loc.offset) / 4;
+    if (word !== Math.floor(word)) {
+      this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)} is not 4-byte aligned`);
+    }
+    const t32 = memory.words32(loc.buffer);
+    const entries = len >>> 4;
+    if (word + 4 * entries > t32.length || word > 0x7fffffff) {
+      this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)} is beyond our word view of its mapping`);
+    }
+    // word | 0: int32 like the ring table's base 0, so the loop indexes with int32 arithmetic either way.
+    this.walkTable(chain, head, t32, memory.words16(loc.buffer), word | 0, entries, 0, true);
+  }
+
+  /**
+   * Walk the chain starting at entry `first` of a descriptor table (entry k at word `base + 4k` of `d32`, with
+   * `d16` over the same bytes) into `chain`. `indirect`: the table is an indirect one, where a further indirect
+   * descriptor is nesting.
+   */
+  private walkTable(
+    chain: DescriptorChain,
+    head: number,
+    d32: Uint32Array,
+    d16: Uint16Array,
+    base: number,
+    tableSize: number,
+    first: number,
+    indirect: boolean,
+  ): void {
+    const memory = this.memory;
+    const maxSegments = this.maxSegments;
+    let i = first;
     let visited = 0;
     let seenWritable = false;
-    let inIndirect = false;
     for (;;) {
       if (++visited > tableSize) {
         this.fail('CHAIN_LOOP', `chain from head ${head} visits more than ${tableSize} descriptors: it loops`);
       }
       const w = base + 4 * i;
       const flags = d16[2 * w + 6];
-      const lo = d32[w];
-      const hi = d32[w + 1];
-      const len = d32[w + 2];
-      if (flags & VIRTQ_DESC_F_INDIRECT) {
-        if (inIndirect) this.fail('BAD_INDIRECT', `chain from head ${head}: an indirect table inside an indirect table`);
-        if (!this.indirect) this.fail('BAD_INDIRECT', `chain from head ${head} uses an indirect table, but INDIRECT_DESC was not negotiated`);
-        if (i !== head || flags & VIRTQ_DESC_F_NEXT) {
-          this.fail('BAD_INDIRECT', `chain from head ${head}: an indirect descriptor must be the only one in its chain`);
-        }
-        if (len === 0 || len % DESC_SIZE !== 0 || len / DESC_SIZE > MAX_INDIRECT_ENTRIES) {
-          this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table of ${len} bytes (need a multiple of 16, at most ${MAX_INDIRECT_ENTRIES} entries)`);
-        }
-        const gpa = this.address(lo, hi, head);
-        const loc = this.loc;
-        if (!this.memory.locate(gpa, len, loc) || len > loc.span) {
-          this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)}+${len} is not in one mapped range`);
-        }
-        const byteOffset = this.memory.buffers[loc.buffer].byteOffset + loc.offset;
-        if (byteOffset % 4 !== 0) {
-          this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)} is not 4-byte aligned`);
-        }
-        d32 = this.memory.words32(loc.buffer);
-        d16 = this.memory.words16(loc.buffer);
-        base = byteOffset / 4;
-        tableSize = len / DESC_SIZE;
-        inIndirect = true;
-        i = 0;
-        visited = 0;
-        continue;
-      }
-      const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
+      if (flags & F_INDIRECT) this.misplacedIndirect(head, indirect);
+      const writable = (flags & F_WRITE) !== 0;
       if (writable) seenWritable = true;
       else if (seenWritable) {
         this.fail('ORDER', `chain from head ${head}: a device-readable descriptor follows a device-writable one`);
       }
-      if (len > 0) this.addBuffer(chain, this.address(lo, hi, head), len, writable, head);
-      if ((flags & VIRTQ_DESC_F_NEXT) === 0) return;
+      const len = d32[w + 2];
+      if (len > 0) {
+        const hi = d32[w + 1];
+        // The buffers of a request are usually in the window of the previous one: an offset, no out-object.
+        const off = hi <= 0x1fffff && chain.count < maxSegments ? memory.offsetInLastWindow(hi * 4294967296 + d32[w], len) : -1;
+        if (off >= 0) chain.addSegment(memory.lastBuffer, off, len, writable);
+        // Elsewhere, straddling windows, or bad: addBuffer locates it, splits it, or throws the precise error.
+        else this.addBuffer(chain, this.address(d32[w], hi, head), len, writable, head);
+      }
+      if ((flags & F_NEXT) === 0) return;
       i = d16[2 * w + 7];
       if (i >= tableSize) this.fail('BAD_NEXT', `chain from head ${head}: next index ${i} is outside the ${tableSize}-entry table`);
     }
+  }
+
+  /** An indirect descriptor that is not the head of a chain in the ring's table. */
+  private misplacedIndirect(head: number, inIndirect: boolean): never {
+    if (inIndirect) this.fail('BAD_INDIRECT', `chain from head ${head}: an indirect table inside an indirect table`);
+    if (!this.indirect) this.fail('BAD_INDIRECT', `chain from head ${head} uses an indirect table, but INDIRECT_DESC was not negotiated`);
+    return this.fail('BAD_INDIRECT', `chain from head ${head}: an indirect descriptor must be the only one in its chain`);
   }
 
   private address(lo: number, hi: number, head: number): number {
