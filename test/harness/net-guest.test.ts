@@ -5,6 +5,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { iperfMbits, netGuestScript } from '../../harness/net-guest-script.js';
 import { ensureSetup, type HarnessSetup } from '../../harness/setup.js';
 import { liveQemuPids, runGuest } from '../../harness/vm.js';
 import { netDevice } from '../../src/devices/net/index.js';
@@ -14,34 +15,6 @@ import { createNetns, netnsUnavailable } from '../net/netns.js';
 
 const bin = new URL('../../bin/vhost-ts.mjs', import.meta.url).pathname;
 const noNetns = process.env.VHOST_TS_SKIP_VM === '1' ? 'skipped' : await netnsUnavailable();
-
-/** The guest side: address the NIC, wait for the peer, ping, then iperf3 as server or client (retried in the guest). */
-function guestScript(me: string, peer: string, role: 'server' | 'client'): string {
-  const iperf =
-    role === 'server'
-      ? 'iperf3 -s -1 > /dev/null 2>&1; iperf3 -s -1 > /dev/null 2>&1'
-      : `for dir in up down; do
-  flag=""; [ $dir = down ] && flag=-R
-  n=0; until iperf3 -c ${peer} -t 10 $flag > /tmp/iperf.$dir 2>&1; do n=$((n+1)); [ $n -gt 30 ] && break; sleep 1; done
-  echo "RESULT iperf $dir $(grep receiver /tmp/iperf.$dir | tail -1)"
-done`;
-  return `
-ip link set eth0 up
-ip addr add ${me}/24 dev eth0
-echo "RESULT offload $(ethtool -k eth0 | grep -E '^(tcp-segmentation-offload|tx-checksumming|rx-checksumming):' | tr '\\n' ' ')"
-n=0; until ping -c 1 -W 1 ${peer} > /dev/null 2>&1; do n=$((n+1)); [ $n -gt 90 ] && break; done
-echo "RESULT ping $(ping -c 3 -W 2 ${peer} | grep 'packets transmitted')"
-echo "RESULT arp $(ip neigh show ${peer} | grep -c lladdr)"
-${iperf}
-`;
-}
-
-function mbits(results: string[], dir: string): number {
-  const line = results.find((r) => r.startsWith(`iperf ${dir} `)) ?? '';
-  const m = line.match(/([\d.]+) ([KMG])bits\/sec/);
-  if (!m) return 0;
-  return Number(m[1]) * { K: 1e-3, M: 1, G: 1e3 }[m[2] as 'K' | 'M' | 'G'];
-}
 
 describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', () => {
   let setup: HarnessSetup;
@@ -70,7 +43,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', ()
             memoryMiB: 384,
             cpus: 1,
             devices: [{ kind: 'net', socket: sockets[i], mac: macs[i] }],
-            script: guestScript(ips[i], ips[1 - i], i === 0 ? 'server' : 'client'),
+            script: netGuestScript(ips[i], ips[1 - i], i === 0 ? 'server' : 'client'),
           }),
         ),
       );
@@ -79,8 +52,8 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', ()
         expect(run.results.find((r) => r.startsWith('ping '))).toMatch(/3 packets transmitted, 3 (packets )?received/);
         expect(run.results).toContain('arp 1');
       }
-      const up = mbits(b.results, 'up');
-      const down = mbits(b.results, 'down');
+      const up = iperfMbits(b.results, 'up');
+      const down = iperfMbits(b.results, 'down');
       expect(up).toBeGreaterThan(1);
       expect(down).toBeGreaterThan(1);
       console.log(`switch, two guests under ${a.accel}: iperf3 B->A ${up} Mbit/s, A->B ${down} Mbit/s; offloads: ${a.results.find((r) => r.startsWith('offload'))}`);
@@ -120,7 +93,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', ()
         memoryMiB: 384,
         cpus: 1,
         devices: [{ kind: 'net', socket, mac: '52:54:00:00:bb:01' }],
-        script: guestScript('10.215.0.2', '10.215.0.1', 'client'),
+        script: netGuestScript('10.215.0.2', '10.215.0.1', 'client'),
         onConsoleLine: (line) => {
           if (process.env.NET_DEBUG) console.log('guest:', line);
           // Once the guest is up, the tap exists (the backend opened it when the queues started): configure the host side.
@@ -137,8 +110,8 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', ()
       expect(run.exitCode).toBe(0);
       expect(run.results.find((r) => r.startsWith('ping '))).toMatch(/3 packets transmitted, 3 (packets )?received/);
       expect(run.results.find((r) => r.startsWith('offload'))).toMatch(/tcp-segmentation-offload: on/);
-      const up = mbits(run.results, 'up');
-      const down = mbits(run.results, 'down');
+      const up = iperfMbits(run.results, 'up');
+      const down = iperfMbits(run.results, 'down');
       expect(up).toBeGreaterThan(1);
       expect(down).toBeGreaterThan(1);
       console.log(`tap under ${run.accel}: iperf3 guest->host ${up} Mbit/s, host->guest ${down} Mbit/s`);
