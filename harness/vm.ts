@@ -8,7 +8,7 @@ import path from 'node:path';
 import { chooseAccel, type Accel } from './accel.js';
 import { EXIT_PREFIX, READY_LINE, RESULT_PREFIX } from './guest-init.js';
 import { tail } from './host-tools.js';
-import { machineArgs, type VhostUserDevice } from './qemu-args.js';
+import { machineArgs, type MachineSpec, type VhostUserDevice } from './qemu-args.js';
 import { qemuCommand } from './qemu-install.js';
 import { loadSetup, type HarnessSetup } from './setup.js';
 
@@ -121,6 +121,17 @@ async function stop(child: ChildProcess, graceMs: number): Promise<void> {
   if (!(await waitExit(child, 5000))) throw new Error(`QEMU pid ${pid} survived SIGKILL for 5 s`);
 }
 
+/**
+ * The QEMU command for the test guest with the serial console on stdio: with a script file the guest runs it and
+ * powers off; without one its /init starts a shell on the console.
+ */
+export function guestCommand(
+  setup: HarnessSetup,
+  m: Pick<MachineSpec, 'accelArgs' | 'memoryMiB' | 'cpus' | 'devices' | 'scriptFile' | 'append' | 'extra'>,
+): ReturnType<typeof qemuCommand> {
+  return qemuCommand(setup.qemu, 'qemu-system-x86_64', machineArgs({ kernel: setup.guest.kernel, initrd: setup.guest.initrd, serial: { to: 'stdio' }, ...m }));
+}
+
 export async function runGuest(opts: RunGuestOptions): Promise<GuestRun> {
   const setup = opts.setup ?? loadSetup();
   if (!setup) throw new Error('no harness set-up found: run `npm run setup` (or call ensureSetup()) first');
@@ -132,22 +143,15 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestRun> {
   try {
     const scriptFile = path.join(tmp, 'script.sh');
     fs.writeFileSync(scriptFile, opts.script);
-    const cmd = qemuCommand(
-      setup.qemu,
-      'qemu-system-x86_64',
-      machineArgs({
-        kernel: setup.guest.kernel,
-        initrd: setup.guest.initrd,
-        ...(opts.append ? { append: opts.append } : {}),
-        memoryMiB: opts.memoryMiB ?? 512,
-        cpus: opts.cpus ?? 2,
-        accelArgs: accel.args,
-        serial: { to: 'stdio' },
-        scriptFile,
-        devices: opts.devices ?? [],
-        ...(opts.extra ? { extra: opts.extra } : {}),
-      }),
-    );
+    const cmd = guestCommand(setup, {
+      accelArgs: accel.args,
+      scriptFile,
+      memoryMiB: opts.memoryMiB ?? 512,
+      cpus: opts.cpus ?? 2,
+      devices: opts.devices ?? [],
+      ...(opts.append ? { append: opts.append } : {}),
+      ...(opts.extra ? { extra: opts.extra } : {}),
+    });
     const started = Date.now();
     const proc = spawn(cmd.file, cmd.args, {
       detached: true,

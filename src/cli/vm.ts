@@ -8,10 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { chooseAccel } from '../../harness/accel.js';
-import { machineArgs, type VhostUserDevice as QemuDevice } from '../../harness/qemu-args.js';
-import { qemuCommand } from '../../harness/qemu-install.js';
+import type { VhostUserDevice as QemuDevice } from '../../harness/qemu-args.js';
 import { ensureSetup } from '../../harness/setup.js';
-import { runGuest } from '../../harness/vm.js';
+import { guestCommand, runGuest } from '../../harness/vm.js';
 import { blkDevice } from '../devices/blk/index.js';
 import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer } from '../vhost/index.js';
@@ -95,19 +94,7 @@ export async function vmMain(argv: string[]): Promise<number> {
 /** QEMU in the foreground with the serial console on this terminal; no script, so the guest's /init starts a shell. */
 async function shell(setup: Awaited<ReturnType<typeof ensureSetup>>, devices: QemuDevice[], memoryMiB: number, accel?: 'kvm' | 'tcg'): Promise<number> {
   const choice = chooseAccel(accel ? { force: accel } : {});
-  const cmd = qemuCommand(
-    setup.qemu,
-    'qemu-system-x86_64',
-    machineArgs({
-      kernel: setup.guest.kernel,
-      initrd: setup.guest.initrd,
-      memoryMiB,
-      cpus: 2,
-      accelArgs: choice.args,
-      serial: { to: 'stdio' },
-      devices,
-    }),
-  );
+  const cmd = guestCommand(setup, { accelArgs: choice.args, memoryMiB, cpus: 2, devices });
   console.error(`vhost-ts vm: ${choice.accel}; a shell comes up on the console; 'poweroff -f' ends it`);
   const child = spawn(cmd.file, cmd.args, { stdio: 'inherit', env: { ...process.env, ...cmd.env } });
   const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));

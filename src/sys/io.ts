@@ -7,6 +7,9 @@ const sysPread = libc.func('long pread(int fd, uintptr_t buf, size_t count, int6
 const sysPwrite = libc.func('long pwrite(int fd, uintptr_t buf, size_t count, int64_t offset)') as PositionalCall;
 const sysPreadv = libc.func('long preadv(int fd, uintptr_t iov, int iovcnt, int64_t offset)') as PositionalCall;
 const sysPwritev = libc.func('long pwritev(int fd, uintptr_t iov, int iovcnt, int64_t offset)') as PositionalCall;
+type VectorCall = (fd: number, iov: number, count: number) => number;
+const sysReadv = libc.func('long readv(int fd, uintptr_t iov, int iovcnt)') as VectorCall;
+const sysWritev = libc.func('long writev(int fd, uintptr_t iov, int iovcnt)') as VectorCall;
 const sysFdatasync = libc.func('int fdatasync(int fd)') as (fd: number) => number;
 const sysFsync = libc.func('int fsync(int fd)') as (fd: number) => number;
 
@@ -58,6 +61,18 @@ export function preadv(fd: number, iov: IovecArray, count: number, offset: numbe
 export function pwritev(fd: number, iov: IovecArray, count: number, offset: number): number {
   checkCount(iov, count);
   return result(sysPwritev(fd, iov.address, count, offset), 'pwritev');
+}
+
+/** Scatter read from the fd's current position (a tap: one frame); -1 on EAGAIN. */
+export function readv(fd: number, iov: IovecArray, count: number): number {
+  checkCount(iov, count);
+  return result(sysReadv(fd, iov.address, count), 'readv');
+}
+
+/** Gather write (a tap: one frame); -1 on EAGAIN. */
+export function writev(fd: number, iov: IovecArray, count: number): number {
+  checkCount(iov, count);
+  return result(sysWritev(fd, iov.address, count), 'writev');
 }
 
 export function fdatasync(fd: number): void {

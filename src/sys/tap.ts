@@ -1,7 +1,6 @@
 import koffi from 'koffi';
-import { EAGAIN, SysError, lastError } from './errors.js';
+import { SysError, lastError } from './errors.js';
 import { close } from './fd.js';
-import type { IovecArray } from './io.js';
 import { libc } from './libc.js';
 
 // Request numbers for x86_64 (and every arch with the generic _IOC layout): _IOW('T', 202, int) and so on.
@@ -50,9 +49,6 @@ const sysSocket = libc.func('int socket(int domain, int type, int protocol)') as
   type: number,
   protocol: number,
 ) => number;
-type VectorCall = (fd: number, iov: number, count: number) => number;
-const sysReadv = libc.func('long readv(int fd, uintptr_t iov, int iovcnt)') as VectorCall;
-const sysWritev = libc.func('long writev(int fd, uintptr_t iov, int iovcnt)') as VectorCall;
 
 // struct ifreq: char ifr_name[IFNAMSIZ = 16], then a 24-byte union whose first member here is short ifr_flags.
 const IFREQ_BYTES = 40;
@@ -163,24 +159,3 @@ export function setTapLinkUp(name: string, up: boolean): void {
   close(sock);
 }
 
-function result(n: number, syscall: string): number {
-  if (n >= 0) return n;
-  if (koffi.errno() === EAGAIN) return -1;
-  throw lastError(syscall);
-}
-
-function checkCount(iov: IovecArray, count: number): void {
-  if (count > iov.capacity) throw new RangeError(`${count} iovecs past capacity ${iov.capacity}`);
-}
-
-/** One frame (with its virtio-net header when vnetHdr) scattered over iov; -1 when none is queued (EAGAIN). */
-export function readv(fd: number, iov: IovecArray, count: number): number {
-  checkCount(iov, count);
-  return result(sysReadv(fd, iov.address, count), 'readv');
-}
-
-/** Sends one frame gathered from iov; -1 when the fd would block (EAGAIN). */
-export function writev(fd: number, iov: IovecArray, count: number): number {
-  checkCount(iov, count);
-  return result(sysWritev(fd, iov.address, count), 'writev');
-}
