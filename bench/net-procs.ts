@@ -70,6 +70,56 @@ export function cpuSeconds(pid: number | undefined): number | undefined {
 // USER_HZ: 100 on every Linux architecture Node runs on.
 const CLOCK_TICKS = 100;
 
+/** CPU seconds all CPUs have spent busy since boot (/proc/stat: all but idle and iowait); undefined without /proc. */
+export function systemBusySeconds(): number | undefined {
+  try {
+    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    const total = f.slice(0, 8).reduce((a, b) => a + b, 0);
+    return (total - f[3] - f[4]) / CLOCK_TICKS;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * CPU used by everything else while a window ran: the system's busy time minus the given processes' and this
+ * process's own, as a share of one CPU. A sample is taken at each end of the window.
+ */
+export class OthersMeter {
+  private start: { t: number; busy: number | undefined; self: number; pids: (number | undefined)[] } | undefined;
+
+  constructor(private readonly pids: (number | undefined)[]) {}
+
+  private sample() {
+    const u = process.cpuUsage();
+    return {
+      t: performance.now(),
+      busy: systemBusySeconds(),
+      self: (u.user + u.system) / 1e6,
+      pids: this.pids.map((p) => cpuSeconds(p)),
+    };
+  }
+
+  begin(): void {
+    this.start = this.sample();
+  }
+
+  /** Shares of one CPU over the window: each process's (in the order given) and everything else's. */
+  end(): { procs: (number | undefined)[]; others: number | undefined } {
+    const a = this.start;
+    const b = this.sample();
+    if (!a) return { procs: this.pids.map(() => undefined), others: undefined };
+    const secs = (b.t - a.t) / 1000;
+    const procs = b.pids.map((x, i) => {
+      const y = a.pids[i];
+      return x === undefined || y === undefined ? undefined : (x - y) / secs;
+    });
+    if (a.busy === undefined || b.busy === undefined || procs.some((x) => x === undefined)) return { procs, others: undefined };
+    const ours = procs.reduce<number>((sum, x) => sum + (x ?? 0), 0) + (b.self - a.self) / secs;
+    return { procs, others: Math.max(0, (b.busy - a.busy) / secs - ours) };
+  }
+}
+
 /** A long-running program: output kept (the tail, for error messages) and offered line by line to a listener. */
 export class Proc {
   private out = '';
