@@ -55,6 +55,7 @@ const usage = `usage: npm run bench:net [-- options]
   --dpdk-only          DPDK's vhost PMD in both columns even if 'vhost-ts net' is available
   --vhost-ts PATH      the vhost-ts CLI to measure (default: bin/vhost-ts.mjs of this checkout)
   --backend-cpu N      CPU for the backends (default 0)
+  --poll-us N          vhost-ts busy-polls each queue N us after traffic (default 0; DPDK always polls)
   --client-cpu N       CPU for the testpmd frontend (default 1)
   --no-pin             do not pin (testpmd's lcores still share one CPU per process)`;
 
@@ -72,6 +73,7 @@ const { values: opts } = parseArgs({
     'max-others': { type: 'string' },
     'vhost-ts': { type: 'string' },
     'backend-cpu': { type: 'string' },
+    'poll-us': { type: 'string' },
     'client-cpu': { type: 'string' },
     'no-pin': { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
@@ -106,6 +108,7 @@ if (!(maxOthers >= 0)) {
   process.exit(2);
 }
 const backendCpuOpt = wholeNumber(opts['backend-cpu'], '--backend-cpu', 0, 0);
+const pollUs = wholeNumber(opts['poll-us'], '--poll-us', 0, 0);
 const clientCpuOpt = wholeNumber(opts['client-cpu'], '--client-cpu', 1, 0);
 const frameSizes = (opts['frame-sizes'] ?? '64,1518').split(',').map((s) => {
   const n = Number(s);
@@ -315,6 +318,7 @@ function dpdkBackendCommand(c: Case, socket: string, prefix: string): Command {
 
 function vhostTsCommand(c: Case, socket: string): Command {
   const args = [vhostTsBin, 'net', '--socket-path', socket, '--queues', '1'];
+  if (pollUs > 0) args.push('--poll-us', String(pollUs));
   if (c.direction === 'transmit') args.push('--backend', 'sink');
   else args.push('--backend', 'source', '--frame-size', String(c.frameSize));
   return pinned({ file: process.execPath, args }, pinning?.backend);

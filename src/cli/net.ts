@@ -15,6 +15,8 @@ export const netCommand: DeviceCommand = {
     mtu: { type: 'string' },
     queues: { type: 'string' },
     'frame-size': { type: 'string' },
+    verify: { type: 'boolean' },
+    'poll-us': { type: 'string' },
   },
   optionsUsage: `  --tap NAME              connect to host tap NAME (created if missing) with offloads passed through
   --switch NAME           ports of a built-in learning switch; repeat --socket-path for more ports
@@ -23,7 +25,9 @@ export const netCommand: DeviceCommand = {
   --mac MAC               the port's MAC (repeat per port; default random 52:54:00:xx:xx:xx)
   --mtu N                 MTU reported to the guest (default 1500)
   --queues N              queue pairs (tap, sink, source; default 1)
-  --frame-size N          source: bytes per generated frame (default 64)`,
+  --frame-size N          source: bytes per generated frame (default 64)
+  --verify                sink: check every frame against the first, byte for byte
+  --poll-us N             busy-poll each queue N microseconds after traffic before sleeping (a dedicated core)`,
   capabilities: { type: 'net' },
   create(v: Values) {
     const kinds = [v.tap, v.switch, v.backend].filter((x) => x !== undefined);
@@ -31,7 +35,7 @@ export const netCommand: DeviceCommand = {
     let backend: NetBackendSpec;
     if (typeof v.tap === 'string') backend = { kind: 'tap', name: v.tap };
     else if (typeof v.switch === 'string') backend = { kind: 'switch', name: v.switch };
-    else if (v.backend === 'sink') backend = { kind: 'sink' };
+    else if (v.backend === 'sink') backend = { kind: 'sink', verify: v.verify === true };
     else if (v.backend === 'source') {
       backend = { kind: 'source', frameSize: v['frame-size'] === undefined ? 64 : wholeNumber(String(v['frame-size']), '--frame-size') };
     } else throw new UsageError('--backend takes sink or source');
@@ -49,6 +53,7 @@ export const netCommand: DeviceCommand = {
         ...(macs[i] ? { mac: parseMac(macs[i]) } : {}),
         ...(mtu ? { mtu } : {}),
         queuePairs,
+        ...(v['poll-us'] !== undefined ? { pollUs: wholeNumber(String(v['poll-us']), '--poll-us') } : {}),
       }),
     );
   },

@@ -59,6 +59,11 @@ export interface DataPlane<O> {
   thread?: 'worker' | 'main';
   /** Queues served by one worker together, e.g. [[0, 1], [2, 3]]. Default: one worker per queue. */
   groups?: number[][];
+  /**
+   * Busy-poll: after serving chains, spin up to this many microseconds for more before sleeping on the kick
+   * eventfd (default 0). Trades a busy CPU for fewer wakeups and kicks; use it on a dedicated core.
+   */
+  pollUs?: number;
 }
 
 export interface VhostUserDevice<O = unknown> {

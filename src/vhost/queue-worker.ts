@@ -14,6 +14,7 @@ interface WorkerInit {
   controlFd: number;
   port: MessagePort;
   name: string;
+  pollUs: number;
 }
 
 const CONTROL = 0xffffffff;
@@ -62,7 +63,7 @@ const runner = new QueueRunner(factory, init.options, {
   log(message) {
     port.postMessage({ log: `${init.name}: ${message}` });
   },
-});
+}, init.pollUs);
 
 epoll.add(init.controlFd, CONTROL);
 port.postMessage({ ready: true });

@@ -19,6 +19,7 @@ export interface RunnerHostOptions {
   options: unknown;
   name: string;
   log: (message: string) => void;
+  pollUs?: number;
 }
 
 const workerEntry = new URL(`./queue-worker${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url);
@@ -44,7 +45,7 @@ export class WorkerHost implements RunnerHost {
     const { port1, port2 } = new MessageChannel();
     const worker = spawnWorker(
       workerEntry,
-      { module: opts.module.href, options: opts.options, controlFd, port: port2, name: opts.name },
+      { module: opts.module.href, options: opts.options, controlFd, port: port2, name: opts.name, pollUs: opts.pollUs ?? 0 },
       { transferList: [port2] },
     );
     const host = new WorkerHost(worker, port1, controlFd, opts);
@@ -138,7 +139,7 @@ export class InlineHost implements RunnerHost {
         this.kickWatches.delete(index);
       },
       log: (message) => opts.log(`${opts.name}: ${message}`),
-    });
+    }, opts.pollUs ?? 0);
   }
 
   static async start(opts: RunnerHostOptions): Promise<InlineHost> {

@@ -416,6 +416,7 @@ export class BackendSession {
         options: plane.options,
         name: `${this.device.name} queue group ${group}`,
         log: (m: string) => this.log.warn(m),
+        pollUs: plane.pollUs ?? 0,
       };
       host = (plane.thread === 'main' ? InlineHost.start(opts) : WorkerHost.start(opts)).then(async (h) => {
         if (this.regions.length > 0) await h.request({ op: 'memory', regions: this.regions });

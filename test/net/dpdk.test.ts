@@ -73,7 +73,7 @@ describe.skipIf(!existsSync(TESTPMD))('net device with DPDK virtio-user (dpdk-te
   }
 
   it('txonly: every frame testpmd sends reaches the sink, identical to the first', async () => {
-    const dev = netDevice({ backend: { kind: 'sink' } });
+    const dev = netDevice({ backend: { kind: 'sink', verify: true } });
     await withDevice(dev, async (socket) => {
       const run = await testpmd(socket, `vts-tx-${process.pid}`, ['set fwd txonly', 'set txpkts 64', 'start'], () => dev.stats().txFrames > 100_000);
       expect(run.output).toMatch(/TX-packets: *[1-9]/);

@@ -70,7 +70,7 @@ describe('net device', () => {
   }
 
   it('sink: counts transmitted frames, checks them against the first, drops bad ones and goes on', async () => {
-    const { dev, tx } = await port({ backend: { kind: 'sink' } });
+    const { dev, tx } = await port({ backend: { kind: 'sink', verify: true } });
     const frame = ethFrame([0xff, 0xff, 0xff, 0xff, 0xff, 0xff], [0x52, 0x54, 0, 1, 2, 3], 60, 0x42);
     for (let i = 0; i < 10; i++) tx.add({ readable: [withHeader(frame)] });
     // header split from the frame (ANY_LAYOUT)
@@ -87,7 +87,7 @@ describe('net device', () => {
   });
 
   it('sink: a frame over 64 KiB is dropped and counted', async () => {
-    const { dev, tx } = await port({ backend: { kind: 'sink' } });
+    const { dev, tx } = await port({ backend: { kind: 'sink', verify: true } });
     tx.add({ readable: [new Uint8Array(NET_HDR_SIZE), new Uint8Array(40000), new Uint8Array(40000)], indirect: true });
     tx.add({ readable: [withHeader(ethFrame([0xff, 0xff, 0xff, 0xff, 0xff, 0xff], [2, 0, 0, 0, 0, 1], 64, 1))] });
     tx.kick();
@@ -133,7 +133,7 @@ describe('net device', () => {
   });
 
   it('control queue: receive modes and MAC address; unknown commands get VIRTIO_NET_ERR', async () => {
-    const { ctrl } = await port({ backend: { kind: 'sink' } });
+    const { ctrl } = await port({ backend: { kind: 'sink', verify: true } });
     const cmd = async (bytes: number[]) => {
       const c = ctrl.add({ readable: [new Uint8Array(bytes)], writable: [1] });
       ctrl.kick();

@@ -20,8 +20,8 @@ export interface FrameSource {
 export class ChainFrame implements FrameSource {
   chain!: DescriptorChain;
   length = 0;
-  /** The sender's virtio-net header (offload instructions for the receiver). */
-  readonly header = new Uint8Array(NET_HDR_SIZE);
+  private readonly headerBytes = new Uint8Array(NET_HDR_SIZE);
+  private headerRead = false;
   private seg = 0;
   private segStart = 0; // frame offset of segment `seg`'s first frame byte
   private segSkip = 0; // bytes of segment `seg` before the frame (header bytes)
@@ -31,9 +31,18 @@ export class ChainFrame implements FrameSource {
     this.chain = chain;
     this.length = chain.readableBytes - NET_HDR_SIZE;
     if (this.length < ETH_HEADER || this.length > MAX_FRAME) return false;
-    chain.reader().read(this.header);
+    this.headerRead = false;
     this.rewind();
     return true;
+  }
+
+  /** The sender's virtio-net header (offload instructions for a receiver), read on first use. */
+  get header(): Uint8Array {
+    if (!this.headerRead) {
+      this.chain.reader().read(this.headerBytes);
+      this.headerRead = true;
+    }
+    return this.headerBytes;
   }
 
   copyTo(dst: Uint8Array, at: number, from: number, n: number): void {
@@ -89,7 +98,7 @@ export class BytesFrame implements FrameSource {
     return this;
   }
   copyTo(dst: Uint8Array, at: number, from: number, n: number): void {
-    dst.set(this.bytes.subarray(from, from + n), at);
+    dst.set(from === 0 && n === this.bytes.length ? this.bytes : this.bytes.subarray(from, from + n), at);
   }
   byteAt(i: number): number {
     return this.bytes[i];
@@ -128,6 +137,23 @@ export class RxQueue {
     if (gso && !this.guestGso) return 'too-big'; // no software segmentation: a GSO frame to a non-GSO guest is dropped
     const total = NET_HDR_SIZE + frame.length;
     const q = this.queue;
+    if (!(hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) || this.guestCsum) {
+      // The common case: the whole frame fits the first writable buffer of one chain.
+      const c = q.pop();
+      if (c === null) return 'no-buffers';
+      const s = c.readableCount;
+      if (s < c.count && c.segLength[s] >= total) {
+        const buf = c.memory.buffers[c.segBuffer[s]];
+        const off = c.segOffset[s];
+        buf.set(hdr, off);
+        buf[off + NET_HDR_NUM_BUFFERS] = 1;
+        buf[off + NET_HDR_NUM_BUFFERS + 1] = 0;
+        frame.copyTo(buf, off + NET_HDR_SIZE, 0, frame.length);
+        q.push(c, total);
+        return 'delivered';
+      }
+      q.unpop(c);
+    }
     const popped = this.popped;
     const used = this.used;
     popped.length = 0;

@@ -44,7 +44,8 @@ import {
 } from './spec.js';
 
 export type NetBackendSpec =
-  | { kind: 'sink' }
+  /** verify: check every frame against the first, byte for byte (tests; costs a copy per frame). */
+  | { kind: 'sink'; verify?: boolean }
   | { kind: 'source'; frameSize?: number }
   | { kind: 'tap'; name: string }
   | { kind: 'switch'; name: string };
@@ -57,6 +58,8 @@ export interface NetOptions {
   /** Queue pairs (default 1). */
   queuePairs?: number;
   queueSize?: number;
+  /** Busy-poll each queue this many microseconds after it served chains (see DataPlane.pollUs). */
+  pollUs?: number;
 }
 
 /** Per pair counters: tx frames, tx bytes, tx dropped, rx frames, rx bytes, rx dropped, sink mismatches. */
@@ -68,7 +71,7 @@ export interface NetStats {
   rxFrames: number;
   rxBytes: number;
   rxDropped: number;
-  /** Sink only: frames that differed from the first one (DPDK's txonly sends one template). */
+  /** Sink with verify: frames that differed from the first one (DPDK's txonly sends one template). */
   sinkMismatches: number;
 }
 
@@ -153,6 +156,7 @@ export function netDevice(opts: NetOptions): NetDevice {
       options: { instance, backend: opts.backend, queuePairs: pairs, stats, rxMode },
       thread: opts.backend.kind === 'switch' ? 'main' : 'worker',
       groups,
+      pollUs: opts.pollUs ?? 0,
     },
     stats() {
       const s = new Float64Array(stats);
