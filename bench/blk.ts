@@ -97,7 +97,7 @@ const log = (line: string) => process.stderr.write(`bench:blk: ${line}\n`);
 
 interface Case {
   name: string;
-  image: 'disk' | 'tmpfs';
+  image: 'disk' | 'tmpfs' | 'null';
   write: boolean;
   size: number;
   depth: number;
@@ -108,7 +108,7 @@ interface Case {
 
 function blkCase(image: Case['image'], write: boolean, size: number, depth: number, scattered: boolean, inQuick: boolean): Case {
   const what = `${size / KIB} KiB ${scattered ? 'rand' : 'seq'} ${write ? 'write' : 'read'} QD${depth}`;
-  return { name: image === 'tmpfs' ? `tmpfs: ${what}` : what, image, write, size, depth, scattered, quick: inQuick };
+  return { name: image === 'disk' ? what : `${image}: ${what}`, image, write, size, depth, scattered, quick: inQuick };
 }
 
 const ALL_CASES: Case[] = [
@@ -124,6 +124,10 @@ const ALL_CASES: Case[] = [
   blkCase('tmpfs', false, 4 * KIB, 1, true, false),
   blkCase('tmpfs', false, 4 * KIB, 32, true, true),
   blkCase('tmpfs', true, 4 * KIB, 32, true, false),
+  // The pure queue path: no storage at all (vhost-ts --null, qemu-storage-daemon driver=null-co).
+  blkCase('null', false, 4 * KIB, 1, true, true),
+  blkCase('null', false, 4 * KIB, 32, true, true),
+  blkCase('null', true, 4 * KIB, 32, true, false),
 ];
 const cases = ALL_CASES.filter((c) => !quick || c.quick);
 
@@ -221,13 +225,13 @@ function sourceVersion(): string {
 
 let pinning: { backend: number; client: number } | undefined;
 
+/** The null group passes image '' : vhost-ts --null and qsd driver=null-co of the same size. */
 function vhostTsArgs(image: string, socket: string, useDirect: boolean): string[] {
   return [
     'blk',
     '--socket-path',
     socket,
-    '--image',
-    image,
+    ...(image === '' ? ['--null', String(IMAGE_SIZE)] : ['--image', image]),
     '--num-queues',
     '1',
     ...(useDirect ? ['--direct'] : []),
@@ -261,7 +265,7 @@ async function startPair(setup: HarnessSetup, dir: string, image: string, useDir
   let aio = resolvedQsdAio ?? (qsdAioOpt === 'auto' ? 'io_uring' : qsdAioOpt);
   // aio=native needs O_DIRECT, which the tmpfs cases do not use.
   if (aio === 'native' && !useDirect) aio = 'io_uring';
-  let blockdev = qsdBlockdev(image, aio, useDirect);
+  let blockdev = image === '' ? `driver=null-co,node-name=f,size=${IMAGE_SIZE}` : qsdBlockdev(image, aio, useDirect);
   let qsd = startQsd(setup, blockdev, sockets.qsd);
   try {
     await waitForSocket(qsd, sockets.qsd, 20_000);
@@ -410,10 +414,23 @@ async function main(): Promise<void> {
   const measured: Measured[] = [];
   const commands: Record<string, { image: string; vhostTs: string; qsd: string }> = {};
 
-  for (const kind of ['disk', 'tmpfs'] as const) {
+  for (const kind of ['disk', 'tmpfs', 'null'] as const) {
     const group = cases.filter((c) => c.image === kind);
     if (group.length === 0) continue;
     let parent = os.tmpdir();
+    if (kind === 'null') {
+      const dir = tempDir(parent, 'vhost-ts-bench-blk-');
+      const pair = await startPair(setup, dir, '', false);
+      commands[kind] = { image: '(none)', vhostTs: `vhost-ts ${pair.vhostArgs.join(' ')}`, qsd: `qemu-storage-daemon --blockdev ${pair.qsdBlockdev} --export ...` };
+      try {
+        for (const c of group) measured.push(await measure(pair, c, measured.length));
+      } finally {
+        await stopPair(pair);
+        fs.rmSync(dir, { recursive: true, force: true });
+        tempDirs.splice(tempDirs.indexOf(dir), 1);
+      }
+      continue;
+    }
     if (kind === 'tmpfs') {
       const free = fs.existsSync('/dev/shm') ? fs.statfsSync('/dev/shm') : undefined;
       if (!free || free.bavail * free.bsize < IMAGE_SIZE + 256 * MIB) {
@@ -458,12 +475,12 @@ async function main(): Promise<void> {
     `vhost-ts source: ${version}`,
     `host I/O: ${direct ? 'O_DIRECT (disk image); tmpfs cases use the page cache' : 'page cache (buffered) on both sides'}`,
     ...Object.entries(commands).flatMap(([kind, c]) => [`${kind} vhost-ts: ${c.vhostTs}`, `${kind} qsd:      ${c.qsd}`]),
-    `images: 1 GiB raw files of random data (${Object.values(commands).map((c) => path.dirname(c.image)).join(', ')}; deleted)`,
+    `images: 1 GiB raw files of random data (${Object.values(commands).filter((c) => c.image !== '(none)').map((c) => path.dirname(c.image)).join(', ')}; deleted)`,
   ];
   const notes = [
     `rand = qemu-img bench -S stride (${scatterStep(4 * KIB) / (4 * KIB)} x 4 KiB, coprime to the block count): every block once per pass in scattered order; qemu-img bench has no random mode`,
-    'tmpfs: the pure queue path: both backends serve the same image in /dev/shm (page cache only, no device I/O);',
-    '       vhost-ts has no null backend, so qsd driver=null-co is not used as the reference',
+    'tmpfs: both backends serve the same image in /dev/shm (page cache only, no device I/O)',
+    'null: the pure queue path, no storage: vhost-ts --null against qemu-storage-daemon driver=null-co',
     engine === undefined
       ? 'vhost-ts engine: CLI default (--engine not passed: io_uring where the build and kernel allow it, else preadv/pwritev)'
       : `vhost-ts engine: --engine ${engine}`,

@@ -33,16 +33,18 @@ const devices: Record<string, DeviceCommand> = {
     create: () => rngDevice(),
   },
   blk: {
-    summary: 'vhost-ts blk (--socket-path PATH | --fd N | --connect PATH) --image FILE [options]',
+    summary: 'vhost-ts blk (--socket-path PATH | --fd N | --connect PATH) (--image FILE | --null SIZE) [options]',
     options: {
       image: { type: 'string' },
+      null: { type: 'string' },
       readonly: { type: 'boolean' },
       direct: { type: 'boolean' },
       'num-queues': { type: 'string' },
       serial: { type: 'string' },
       engine: { type: 'string' },
     },
-    optionsUsage: `  --image FILE            raw image file or block device (required)
+    optionsUsage: `  --image FILE            raw image file or block device
+  --null SIZE             no image: a null disk of SIZE bytes (suffix K, M, G), like QEMU's null-co
   --readonly              refuse writes (the guest sees a read-only disk)
   --direct                O_DIRECT: bypass the host page cache
   --num-queues N          request queues, one worker thread each (default 1)
@@ -50,11 +52,12 @@ const devices: Record<string, DeviceCommand> = {
   --engine uring|sync     io_uring (default where the kernel allows) or preadv/pwritev`,
     capabilities: { type: 'blk', features: ['read-only', 'blk-file', 'num-queues'] },
     create: (v) => {
-      if (typeof v.image !== 'string') throw new UsageError('blk needs --image FILE');
+      if ((typeof v.image === 'string') === (typeof v.null === 'string')) throw new UsageError('blk needs --image FILE or --null SIZE');
       const engine = v.engine ?? 'auto';
       if (engine !== 'auto' && engine !== 'uring' && engine !== 'sync') throw new UsageError('--engine takes uring or sync');
       return blkDevice({
-        path: v.image,
+        path: typeof v.image === 'string' ? v.image : '',
+        ...(typeof v.null === 'string' ? { nullSize: byteSize(v.null, '--null') } : {}),
         readonly: v.readonly === true,
         direct: v.direct === true,
         numQueues: v['num-queues'] === undefined ? 1 : wholeNumber(String(v['num-queues']), '--num-queues'),
@@ -66,6 +69,12 @@ const devices: Record<string, DeviceCommand> = {
 };
 
 devices.net = netCommand;
+
+function byteSize(text: string, flag: string): number {
+  const m = /^(\d+)([KMG]?)$/i.exec(text);
+  if (!m) throw new UsageError(`${flag} takes a size such as 512, 64M or 1G, not "${text}"`);
+  return Number(m[1]) * { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G'];
+}
 
 
 async function main(argv: string[]): Promise<number> {

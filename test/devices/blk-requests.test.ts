@@ -170,3 +170,27 @@ describe(`blk requests (${engine} engine)`, () => {
     expect(out.subarray(0, 512).every((b) => b === 0x3c)).toBe(true);
   });
 });
+
+describe('blk null disk', () => {
+  it('completes reads and writes at once, refuses what is out of range, and reports the size', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vhost-ts-blknull-'));
+    const dev = blkDevice({ path: '', nullSize: 1 << 20 });
+    const server = await VhostUserServer.start(dev, { socketPath: join(dir, 'n.sock'), log: quiet });
+    const fe = await VhostUserFrontend.connect(join(dir, 'n.sock'));
+    try {
+      const [q] = await fe.start({ queues: [{ index: 0, size: 64 }] });
+      const ok = q.add({ readable: [header(VIRTIO_BLK_T_OUT, 0), new Uint8Array(4096)], writable: [1] });
+      const past = q.add({ readable: [header(VIRTIO_BLK_T_IN, 2048)], writable: [512, 1] });
+      q.kick();
+      await q.waitForUsed(2);
+      expect(q.written(ok, 1)[0]).toBe(VIRTIO_BLK_S_OK);
+      expect(q.written(past, 513)[512]).toBe(VIRTIO_BLK_S_IOERR);
+      const cfg = await fe.getConfig(0, 8);
+      expect(new DataView(cfg.buffer, cfg.byteOffset).getUint32(0, true)).toBe(2048);
+    } finally {
+      fe.close();
+      await server.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -112,3 +112,15 @@ function transfer(op: Vectored, fd: number, bufferedFd: number, req: BlkRequest,
   if (done < 0) done = 0;
   return done;
 }
+
+/** No disk: every request completes at once with success (reads leave buffers untouched; QEMU's null-co). */
+export class NullEngine implements BlockEngine {
+  readonly hasRoom = true;
+  constructor(private readonly hooks: EngineHooks) {}
+  submit(req: BlkRequest): void {
+    this.hooks.complete(req);
+  }
+  flush(): void {}
+  drain(): void {}
+  close(): void {}
+}

@@ -13,7 +13,7 @@
 import { bit, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
 import type { DescriptorChain, SplitQueue } from '../../virtqueue/index.js';
 import { DiskFile, probeDisk } from './disk.js';
-import { SyncEngine, type BlockEngine } from './engine.js';
+import { NullEngine, SyncEngine, type BlockEngine } from './engine.js';
 import { createUringEngine } from './engine-uring.js';
 import { BlkRequest, parseRequest, writeStatus, type DiskLimits } from './request.js';
 import {
@@ -36,8 +36,13 @@ import {
 } from './spec.js';
 
 export interface BlkOptions {
-  /** Raw image file or block device. */
+  /** Raw image file or block device; ignored with `nullSize`. */
   path: string;
+  /**
+   * A null disk of this many bytes instead of an image, like QEMU's null-co: reads leave the guest's buffers as
+   * they are, writes are dropped. Measures the queue path alone.
+   */
+  nullSize?: number;
   readonly?: boolean;
   /** O_DIRECT: bypass the host page cache. */
   direct?: boolean;
@@ -53,6 +58,8 @@ export interface BlkOptions {
 /** What each queue worker gets (structured-cloneable). */
 export interface BlkQueueOptions {
   path: string;
+  /** No image: every request completes at once (see BlkOptions.nullSize). */
+  nullDisk: boolean;
   readonly: boolean;
   direct: boolean;
   serial: Uint8Array;
@@ -91,7 +98,10 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
   if (!Number.isInteger(numQueues) || numQueues < 1 || numQueues > 64) throw new RangeError(`num-queues ${numQueues}: 1 to 64`);
   const serial = new TextEncoder().encode(opts.serial ?? '');
   if (serial.length > VIRTIO_BLK_ID_BYTES) throw new RangeError(`serial "${opts.serial}" is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
-  const capacitySectors = probeDisk({ path: opts.path, readonly, direct });
+  if (opts.nullSize !== undefined && !(Number.isSafeInteger(opts.nullSize) && opts.nullSize >= 512)) {
+    throw new RangeError(`null disk size ${opts.nullSize}: at least 512 bytes`);
+  }
+  const capacitySectors = opts.nullSize !== undefined ? Math.floor(opts.nullSize / 512) : probeDisk({ path: opts.path, readonly, direct });
   const writeback = new SharedArrayBuffer(4);
   new Int32Array(writeback)[0] = 1;
   const stats = new SharedArrayBuffer(8 * STATS * numQueues);
@@ -134,7 +144,7 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
     reset: () => Atomics.store(new Int32Array(writeback), 0, 1),
     dataPlane: {
       module: new URL(import.meta.url),
-      options: { path: opts.path, readonly, direct, serial, engine: opts.engine ?? 'auto', limits, writeback, stats },
+      options: { path: opts.path, nullDisk: opts.nullSize !== undefined, readonly, direct, serial, engine: opts.engine ?? 'auto', limits, writeback, stats },
     },
     stats() {
       return this.queueStats().reduce((a, b) => ({
@@ -158,7 +168,7 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
 /** The data half: one per queue, in that queue's worker. */
 export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHandler {
   const o = ctx.options;
-  const disk = new DiskFile({ path: o.path, readonly: o.readonly, direct: o.direct });
+  const disk = o.nullDisk ? null : new DiskFile({ path: o.path, readonly: o.readonly, direct: o.direct });
   const features = ctx.features;
   const limits: DiskLimits = {
     ...o.limits,
@@ -179,7 +189,7 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
     free.push(req);
   };
   const hooks = { complete, writeThrough: () => Atomics.load(writeback, 0) === 0 };
-  const engine: BlockEngine =
+  const engine: BlockEngine = disk === null ? new NullEngine(hooks) :
     (o.engine !== 'sync' &&
       createUringEngine(
         disk,
@@ -239,7 +249,7 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
     stop() {
       engine.drain();
       engine.close();
-      disk.close();
+      disk?.close();
     },
   };
 }
