@@ -1,5 +1,5 @@
 /**
- * npm run bench:blk [-- --json] [--quick] [--reps N] [--direct] [--engine uring|sync] [--qsd-aio auto|io_uring|threads|native]
+ * npm run bench:blk [-- --json] [--quick] [--reps N] [--direct] [--engine uring|sync] [--poll-us N] [--qsd-aio auto|io_uring|threads|native]
  *
  * virtio-blk over vhost-user with no VM: QEMU's `qemu-img bench` drives the disk through libblkio
  * (driver=virtio-blk-vhost-user), once against vhost-ts (`vhost-ts blk`) and once against QEMU's own backend
@@ -30,6 +30,7 @@ const usage = `usage: npm run bench:blk [-- options]
   --seconds S          target length of one run of the faster backend (default 1.5)
   --direct             O_DIRECT on both backends (vhost-ts --direct, qsd cache.direct=on); default: page cache
   --engine E           passed to vhost-ts as --engine E (uring|sync); default: not passed (the CLI's default)
+  --poll-us N          passed to vhost-ts as --poll-us N (busy-poll each queue N us after requests)
   --qsd-aio A          qemu-storage-daemon's aio= for the file: auto (io_uring if it starts, else threads),
                        io_uring, threads or native (native needs --direct); default auto
   --backend-cpu N      CPU for both backends (default 0)
@@ -44,6 +45,7 @@ const { values: opts } = parseArgs({
     seconds: { type: 'string' },
     direct: { type: 'boolean' },
     engine: { type: 'string' },
+    'poll-us': { type: 'string' },
     'qsd-aio': { type: 'string' },
     'backend-cpu': { type: 'string' },
     'client-cpu': { type: 'string' },
@@ -74,6 +76,8 @@ const direct = opts.direct === true;
 const reps = positive(opts.reps, '--reps', quick ? 1 : 3, true);
 const targetSeconds = positive(opts.seconds, '--seconds', 1.5, false);
 const engine = opts.engine;
+const pollUs = opts['poll-us'];
+if (pollUs !== undefined && !/^\d+$/.test(pollUs)) throw new Error(`--poll-us takes microseconds, not "${pollUs}"`);
 if (engine !== undefined && engine !== 'uring' && engine !== 'sync') {
   console.error(`--engine takes uring or sync\n${usage}`);
   process.exit(2);
@@ -236,6 +240,7 @@ function vhostTsArgs(image: string, socket: string, useDirect: boolean): string[
     '1',
     ...(useDirect ? ['--direct'] : []),
     ...(engine ? ['--engine', engine] : []),
+    ...(pollUs ? ['--poll-us', pollUs] : []),
   ];
 }
 

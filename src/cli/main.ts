@@ -42,6 +42,7 @@ const devices: Record<string, DeviceCommand> = {
       'num-queues': { type: 'string' },
       serial: { type: 'string' },
       engine: { type: 'string' },
+      'poll-us': { type: 'string' },
     },
     optionsUsage: `  --image FILE            raw image file or block device
   --null SIZE             no image: a null disk of SIZE bytes (suffix K, M, G), like QEMU's null-co
@@ -49,7 +50,8 @@ const devices: Record<string, DeviceCommand> = {
   --direct                O_DIRECT: bypass the host page cache
   --num-queues N          request queues, one worker thread each (default 1)
   --serial ID             the disk's serial number (GET_ID), at most 20 bytes
-  --engine uring|sync     io_uring (default where the kernel allows) or preadv/pwritev`,
+  --engine uring|sync     io_uring (default where the kernel allows) or preadv/pwritev
+  --poll-us N             busy-poll each queue N microseconds after requests before sleeping (a dedicated core)`,
     capabilities: { type: 'blk', features: ['read-only', 'blk-file', 'num-queues'] },
     create: (v) => {
       if ((typeof v.image === 'string') === (typeof v.null === 'string')) throw new UsageError('blk needs --image FILE or --null SIZE');
@@ -63,6 +65,7 @@ const devices: Record<string, DeviceCommand> = {
         numQueues: v['num-queues'] === undefined ? 1 : wholeNumber(String(v['num-queues']), '--num-queues'),
         ...(typeof v.serial === 'string' ? { serial: v.serial } : {}),
         engine,
+        ...(v['poll-us'] !== undefined ? { pollUs: wholeNumber(String(v['poll-us']), '--poll-us') } : {}),
       });
     },
   },

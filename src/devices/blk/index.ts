@@ -53,6 +53,8 @@ export interface BlkOptions {
   /** 'uring' (default where available) or 'sync' (preadv/pwritev). */
   engine?: 'auto' | 'uring' | 'sync';
   queueSize?: number;
+  /** Busy-poll each queue this many microseconds after it served requests (see DataPlane.pollUs). */
+  pollUs?: number;
 }
 
 /** What each queue worker gets (structured-cloneable). */
@@ -144,6 +146,7 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
     reset: () => Atomics.store(new Int32Array(writeback), 0, 1),
     dataPlane: {
       module: new URL(import.meta.url),
+      pollUs: opts.pollUs ?? 0,
       options: { path: opts.path, nullDisk: opts.nullSize !== undefined, readonly, direct, serial, engine: opts.engine ?? 'auto', limits, writeback, stats },
     },
     stats() {

@@ -87,9 +87,20 @@ export function parseRequest(chain: DescriptorChain, req: BlkRequest, disk: Disk
   req.written = 1;
 
   const r = chain.reader();
-  req.type = r.readUint(4);
-  r.skip(4);
-  req.sector = r.readUint64();
+  if (chain.segLength[0] >= REQUEST_HEADER_SIZE) {
+    // The usual layout: the whole header in the first buffer. Read it in place (little-endian).
+    const b = chain.memory.buffers[chain.segBuffer[0]];
+    const o = chain.segOffset[0];
+    req.type = (b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)) >>> 0;
+    const lo = (b[o + 8] | (b[o + 9] << 8) | (b[o + 10] << 16) | (b[o + 11] << 24)) >>> 0;
+    const hi = (b[o + 12] | (b[o + 13] << 8) | (b[o + 14] << 16) | (b[o + 15] << 24)) >>> 0;
+    req.sector = hi * 4294967296 + lo;
+    r.skip(REQUEST_HEADER_SIZE);
+  } else {
+    req.type = r.readUint(4);
+    r.skip(4);
+    req.sector = r.readUint64();
+  }
 
   switch (req.type) {
     case VIRTIO_BLK_T_IN:
