@@ -31,6 +31,8 @@ const usage = `usage: npm run bench:blk [-- options]
   --direct             O_DIRECT on both backends (vhost-ts --direct, qsd cache.direct=on); default: page cache
   --engine E           passed to vhost-ts as --engine E (uring|sync); default: not passed (the CLI's default)
   --poll-us N          passed to vhost-ts as --poll-us N (busy-poll each queue N us after requests)
+  --qsd-iothread       run qemu-storage-daemon's export in an IOThread, which polls adaptively (QEMU's default
+                       poll-max-ns): the like-for-like reference for --poll-us
   --qsd-aio A          qemu-storage-daemon's aio= for the file: auto (io_uring if it starts, else threads),
                        io_uring, threads or native (native needs --direct); default auto
   --backend-cpu N      CPU for both backends (default 0)
@@ -46,6 +48,7 @@ const { values: opts } = parseArgs({
     direct: { type: 'boolean' },
     engine: { type: 'string' },
     'poll-us': { type: 'string' },
+    'qsd-iothread': { type: 'boolean' },
     'qsd-aio': { type: 'string' },
     'backend-cpu': { type: 'string' },
     'client-cpu': { type: 'string' },
@@ -250,11 +253,13 @@ function qsdBlockdev(image: string, aio: string, useDirect: boolean): string {
 }
 
 function startQsd(setup: HarnessSetup, blockdev: string, socket: string): Backend {
+  const iothread = opts['qsd-iothread'] === true;
   const cmd = qemuCommand(setup.qemu, 'qemu-storage-daemon', [
+    ...(iothread ? ['--object', 'iothread,id=iot0'] : []),
     '--blockdev',
     blockdev,
     '--export',
-    `type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=${socket},writable=on,num-queues=1`,
+    `type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=${socket},writable=on,num-queues=1${iothread ? ',iothread=iot0' : ''}`,
   ]);
   return procs.start('qemu-storage-daemon', pinned(cmd, pinning?.backend));
 }
