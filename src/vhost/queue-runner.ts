@@ -123,7 +123,9 @@ export class QueueRunner {
         rq.handler.process(q);
         this.publish(rq);
         if (q.broken) break;
-        if (this.pollUs > 0 && q.lastAvailIdx !== before && this.pollForWork(q)) continue;
+        // Spin only while idle: with chains in flight (asynchronous I/O) the kernel's workers, often on this very
+        // CPU, are what we wait for, and their completion wakes us anyway.
+        if (this.pollUs > 0 && q.lastAvailIdx !== before && q.inFlight === 0 && this.pollForWork(q)) continue;
         // A handler that took nothing is out of resources; it calls ctx.resume() when it can go on.
         if (!q.enableNotification() || q.lastAvailIdx === before) break;
       }
