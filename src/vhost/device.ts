@@ -92,6 +92,16 @@ export interface VhostUserDevice<O = unknown> {
   featuresNegotiated?(features: bigint): void;
   /** Back to power-on state: the frontend disconnected or reset the device. */
   reset?(): void;
+  /**
+   * The connected frontend (null when it goes): call `configChanged()` after changing the config space (link
+   * status, capacity) so the frontend re-reads it and tells the driver (CONFIG_CHANGE_MSG on the backend channel).
+   */
+  bindFrontend?(frontend: FrontendLink | null): void;
+}
+
+export interface FrontendLink {
+  /** Tell the frontend the config space changed; false when it gave us no backend channel to say it on. */
+  configChanged(): boolean;
 }
 
 /** What a queue handler gets when it is created (in the thread that will run it). */

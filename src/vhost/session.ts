@@ -9,9 +9,9 @@
  *   otherwise closes the connection (the frontend would go on believing it worked);
  * - a broken ring marks only its queue broken (error eventfd), the session goes on.
  */
-import { close, eventfdWrite } from '../sys/index.js';
+import { close, eventfdWrite, sendMessage } from '../sys/index.js';
 import { bit, FRAMEWORK_FEATURES, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type VhostUserDevice } from './device.js';
-import { decodeFrontendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
+import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
 import type { Connection, RawMessage } from './connection.js';
 import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } from './memory-map.js';
 import { FrontendRequest, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, alwaysReplies, frontendRequestSpec } from './protocol.js';
@@ -76,6 +76,19 @@ export class BackendSession {
     this.queues = Array.from({ length: device.numQueues }, freshQueue);
     this.groupOf = groupsOf(device);
     this.handlers = this.handlerTable();
+    device.bindFrontend?.({ configChanged: () => this.notifyConfigChanged() });
+  }
+
+  /** CONFIG_CHANGE_MSG on the backend channel, when the frontend negotiated one. */
+  private notifyConfigChanged(): boolean {
+    if (this.closed || this.backendReqFd < 0 || !this.has(ProtocolFeature.BACKEND_REQ)) return false;
+    const { bytes } = encodeBackendMessage({ type: 'CONFIG_CHANGE_MSG' });
+    try {
+      return sendMessage(this.backendReqFd, bytes, bytes.length, []) === bytes.length;
+    } catch (e) {
+      this.log.warn(`CONFIG_CHANGE_MSG not sent: ${(e as Error).message}`);
+      return false;
+    }
   }
 
   /** Virtio features offered: the device's plus what the framework implements. */
@@ -154,6 +167,7 @@ export class BackendSession {
     for (const q of this.queues) closeQueueFds(q);
     if (this.backendReqFd >= 0) close(this.backendReqFd);
     this.backendReqFd = -1;
+    this.device.bindFrontend?.(null);
     this.device.reset?.();
   }
 

@@ -209,4 +209,19 @@ describe('net device', () => {
     }
     expect(dev.stats().rxFrames).toBeGreaterThanOrEqual(12);
   });
+
+  it('link status: setLink reaches the frontend as CONFIG_CHANGE_MSG and the config status follows', async () => {
+    const { dev, fe } = await port({ backend: { kind: 'sink' } });
+    const status = async () => {
+      const c = await fe.getConfig(0, 12);
+      return new DataView(c.buffer, c.byteOffset).getUint16(6, true);
+    };
+    expect(await status()).toBe(1); // VIRTIO_NET_S_LINK_UP
+    const notice = fe.waitForBackendMessage('CONFIG_CHANGE_MSG', 5000);
+    expect(dev.setLink(false)).toBe(true);
+    await notice;
+    expect(await status()).toBe(0);
+    dev.setLink(true);
+    expect(await status()).toBe(1);
+  });
 });

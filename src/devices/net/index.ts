@@ -14,7 +14,7 @@
  * ```
  */
 import { ProtocolFeature } from '../../vhost/protocol.js';
-import { bit, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
+import { bit, type FrontendLink, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
 import type { SplitQueue } from '../../virtqueue/index.js';
 import { handleControl } from './control.js';
 import { ChainFrame, RxQueue } from './datapath.js';
@@ -91,8 +91,11 @@ export interface NetQueueOptions {
 export interface NetDevice extends VhostUserDevice<NetQueueOptions> {
   readonly mac: string;
   stats(): NetStats;
-  /** Report link up or down to the guest (config status; a config-change notice where the frontend listens). */
-  setLink(up: boolean): void;
+  /**
+   * Report link up or down to the guest: the config space's status, and a config-change notice to the frontend
+   * when it gave us a backend channel. Returns whether the frontend was told.
+   */
+  setLink(up: boolean): boolean;
 }
 
 export function netDevice(opts: NetOptions): NetDevice {
@@ -114,6 +117,7 @@ export function netDevice(opts: NetOptions): NetDevice {
   };
   resetMode();
   let linkUp = true;
+  let frontend: FrontendLink | null = null;
   let features =
     bit(VIRTIO_NET_F_MAC) |
     bit(VIRTIO_NET_F_MTU) |
@@ -173,6 +177,10 @@ export function netDevice(opts: NetOptions): NetDevice {
     },
     setLink(up) {
       linkUp = up;
+      return frontend?.configChanged() ?? false;
+    },
+    bindFrontend(f) {
+      frontend = f;
     },
   };
 }
