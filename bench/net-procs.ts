@@ -3,24 +3,12 @@
  * to exit so stopAll() leaves nothing behind (normal path, error, SIGINT), with every wait bounded; and a parser for
  * testpmd's periodic port statistics (`--stats-period`).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { sleep, within, type Command, type Proc } from './procs.js';
 
-const TAIL = 16384;
+export { pinned, Processes, sleep, within, type Command, type Proc } from './procs.js';
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-export interface Command {
-  file: string;
-  args: string[];
-}
-
-/** `taskset -c CPU` in front of a command (taskset execs it: the PID stays the program's own). */
-export function pinned(cmd: Command, cpu: number | undefined): Command {
-  if (cpu === undefined) return cmd;
-  return { file: 'taskset', args: ['-c', String(cpu), cmd.file, ...cmd.args] };
-}
 
 /** A command line as one would type it (arguments quoted where a shell would need it). */
 export function shellLine(cmd: Command): string {
@@ -43,16 +31,6 @@ export function which(program: string): string | undefined {
   return undefined;
 }
 
-/** True if p settled within ms. */
-export async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<false>((r) => (timer = setTimeout(() => r(false), ms)));
-  try {
-    return await Promise.race([p.then(() => true), timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** CPU seconds (user + system, all threads) a process has used so far, from /proc/PID/stat; undefined if gone. */
 export function cpuSeconds(pid: number | undefined): number | undefined {
@@ -117,101 +95,6 @@ export class OthersMeter {
     if (a.busy === undefined || b.busy === undefined || procs.some((x) => x === undefined)) return { procs, others: undefined };
     const ours = procs.reduce<number>((sum, x) => sum + (x ?? 0), 0) + (b.self - a.self) / secs;
     return { procs, others: Math.max(0, (b.busy - a.busy) / secs - ours) };
-  }
-}
-
-/** A long-running program: output kept (the tail, for error messages) and offered line by line to a listener. */
-export class Proc {
-  private out = '';
-  private partial = '';
-  private exitInfo: { code: number | null; signal: NodeJS.Signals | null } | undefined;
-  private lineListeners: ((line: string, t: number) => void)[] = [];
-  readonly exited: Promise<void>;
-
-  constructor(
-    readonly name: string,
-    readonly child: ChildProcess,
-  ) {
-    child.stdout?.on('data', (d: Buffer) => this.take(d));
-    child.stderr?.on('data', (d: Buffer) => {
-      this.out = (this.out + d.toString()).slice(-TAIL);
-    });
-    this.exited = new Promise((resolve) => {
-      child.once('exit', (code, signal) => {
-        this.exitInfo = { code, signal };
-        resolve();
-      });
-      child.once('error', (e) => {
-        this.out += `\nspawn failed: ${e.message}`;
-        this.exitInfo ??= { code: null, signal: null };
-        resolve();
-      });
-    });
-  }
-
-  private take(d: Buffer): void {
-    const t = performance.now();
-    const text = d.toString();
-    this.out = (this.out + text).slice(-TAIL);
-    const lines = (this.partial + text).split('\n');
-    this.partial = lines.pop() ?? '';
-    for (const line of lines) for (const l of this.lineListeners) l(line, t);
-  }
-
-  onLine(listener: (line: string, t: number) => void): void {
-    this.lineListeners.push(listener);
-  }
-
-  get pid(): number | undefined {
-    return this.child.pid;
-  }
-
-  get running(): boolean {
-    return this.exitInfo === undefined;
-  }
-
-  get output(): string {
-    return this.out;
-  }
-
-  /** The last lines it printed, and how it exited if it did. */
-  describe(lines = 25): string {
-    const how = this.exitInfo
-      ? `${this.name} exited (${this.exitInfo.signal ?? `code ${this.exitInfo.code}`})`
-      : `${this.name} is running (pid ${this.pid})`;
-    // testpmd clears the screen before each statistics block.
-    const text = this.out.replace(/\x1b\[[0-9;]*[A-Za-z]/g, '').replace(/\n{2,}/g, '\n').trim();
-    return text ? `${how}; its output ends with:\n${text.split('\n').slice(-lines).join('\n')}` : `${how}; no output`;
-  }
-
-  /**
-   * Asks it to stop (SIGINT: testpmd prints its forward statistics and closes its ports on SIGINT), then SIGKILL
-   * if it is still there after graceMs; resolves once it has exited (bounded).
-   */
-  async stop(graceMs = 10_000): Promise<void> {
-    if (!this.running) return;
-    this.child.kill('SIGINT');
-    if (await within(this.exited, graceMs)) return;
-    this.child.kill('SIGKILL');
-    await within(this.exited, 5000);
-  }
-}
-
-export class Processes {
-  private readonly live = new Set<Proc>();
-
-  /** Starts a long-lived program (stdin closed: testpmd with --stats-period does not read it). */
-  start(name: string, cmd: Command): Proc {
-    const child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const p = new Proc(name, child);
-    this.live.add(p);
-    void p.exited.then(() => this.live.delete(p));
-    return p;
-  }
-
-  /** Stops everything still running (in parallel, each bounded). */
-  async stopAll(): Promise<void> {
-    await Promise.all([...this.live].map((p) => p.stop(5000)));
   }
 }
 

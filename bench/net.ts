@@ -142,6 +142,8 @@ const INSTALL = `apt-get install -y dpdk-dev ${Object.values(PMD_PACKAGES).join(
 // Clean-up: every process, socket directory and DPDK runtime directory, on success, on error and on a signal.
 
 const procs = new Processes();
+// testpmd prints its forward statistics and closes its ports on SIGINT (vhost-ts stops the same way).
+const TESTPMD_STOP = { stopSignal: 'SIGINT' as const, graceMs: 10_000 };
 const runtimeDirs = new Set<string>();
 let tempDir: string | undefined;
 let cleaning: Promise<void> | undefined;
@@ -394,7 +396,7 @@ async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
     const backendCmd = useVhostTs ? vhostTsCommand(c, socket) : dpdkBackendCommand(c, socket, backendPrefix);
     if (!useVhostTs) runtimeDirs.add(dpdkRuntimeDir(backendPrefix));
     remember(`${c.direction} backend ${useVhostTs ? 'vhost-ts' : 'DPDK'}`, backendCmd, socket, useVhostTs ? undefined : backendPrefix);
-    backend = procs.start(`${sideLabel(side)} backend`, backendCmd);
+    backend = procs.start(`${sideLabel(side)} backend`, backendCmd, TESTPMD_STOP);
     const backendStats = useVhostTs ? undefined : new TestpmdStats(backend);
     await waitForSocketFile(backend, socket, useVhostTs ? 60_000 : 30_000);
     // bind() creates the file before listen(): give the backend a moment before the frontend connects.
@@ -403,7 +405,7 @@ async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
     const frontendCmd = frontendCommand(c, socket, frontendPrefix);
     runtimeDirs.add(dpdkRuntimeDir(frontendPrefix));
     remember(`${c.direction} frontend`, frontendCmd, socket, frontendPrefix);
-    frontend = procs.start('testpmd frontend (virtio-user)', frontendCmd);
+    frontend = procs.start('testpmd frontend (virtio-user)', frontendCmd, TESTPMD_STOP);
     const stats = new TestpmdStats(frontend);
     const dir = c.direction === 'transmit' ? 'tx' : 'rx';
     const counted = () => {
