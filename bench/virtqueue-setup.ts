@@ -6,7 +6,7 @@ const RING = 256;
 export const QUEUE_SIZE = RING;
 const BASE = 0x100000;
 
-export function makeRing(bytes: Uint8Array, opts: { eventIdx?: boolean; indirect?: boolean } = {}) {
+export function makeRing(bytes: Uint8Array) {
   const memory = GuestMemory.fromBuffers([{ guestPhysAddr: BASE, bytes }]);
   const layout = splitRingLayout(QUEUE_SIZE, BASE);
   const alloc = new GuestAllocator(layout.end, BASE + bytes.length);
