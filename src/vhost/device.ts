@@ -119,14 +119,26 @@ export interface QueueContext<O = unknown> {
   publish(): void;
   /** Process the queue again: call after `process()` declined chains for lack of resources and now can take them. */
   resume(): void;
-  /** Watch an fd of your own (an io_uring completion eventfd, a tap device) in this queue's thread. */
+  /**
+   * Watch an fd of your own (an io_uring completion eventfd, a tap device) in this queue's thread. A throw from
+   * `onReadable` counts as one from `process()`.
+   */
   watch(fd: number, onReadable: () => void): { close(): void };
+  /** A line in the backend's log, prefixed with the device and queue. For state changes, not per chain. */
+  log(message: string): void;
 }
 
 export interface QueueHandler {
   /**
    * Serve available chains: pop, do the work, push with the byte count written. Called after kicks until the
-   * queue is empty. Throwing marks the queue broken (the frontend is told through the error eventfd).
+   * queue is empty.
+   *
+   * Throwing means the queue cannot go on: the framework marks it broken and signals the error eventfd, and QEMU
+   * sets NEEDS_RESET, so the guest loses the device until it resets it. That is right for what the guest did
+   * wrong (the ring's own checks throw a VirtqueueError) and for bugs, and wrong for failures of the backend's
+   * own resources, which are not the guest's fault: a tap that is down or gone, a disk that returns EIO, a socket
+   * client that went away. Handle those in the device and keep serving: drop the frame and count it, complete the
+   * request with an error status (VIRTIO_BLK_S_IOERR), or leave the chains in the ring until the resource is back.
    */
   process(queue: SplitQueue): void;
   /**

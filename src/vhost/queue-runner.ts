@@ -117,17 +117,24 @@ export class QueueRunner {
     if (!rq || !rq.enabled || rq.queue.broken) return;
     const q = rq.queue;
     try {
-      q.disableNotification();
       for (;;) {
+        q.disableNotification();
         const before = q.lastAvailIdx;
+        // Whether the handler was offered chains: taking none of them means it is out of resources, taking none
+        // of none means only that the driver had not published yet.
+        const offered = q.hasAvailable();
         rq.handler.process(q);
         this.publish(rq);
         if (q.broken) break;
+        const took = q.lastAvailIdx !== before;
         // Spin only while idle: with chains in flight (asynchronous I/O) the kernel's workers, often on this very
         // CPU, are what we wait for, and their completion wakes us anyway.
-        if (this.pollUs > 0 && q.lastAvailIdx !== before && q.inFlight === 0 && this.pollForWork(q)) continue;
-        // A handler that took nothing is out of resources; it calls ctx.resume() when it can go on.
-        if (!q.enableNotification() || q.lastAvailIdx === before) break;
+        if (this.pollUs > 0 && took && q.inFlight === 0 && this.pollForWork(q)) continue;
+        // Re-arm, then look once more: a driver that published while notifications were off did not kick, and
+        // will not (a full ring never kicks again). Sleeping now would stall the queue for good.
+        if (!q.enableNotification()) break;
+        // A handler that declined what it was offered calls ctx.resume() when it can go on.
+        if (offered && !took) break;
       }
     } catch (e) {
       this.fail(rq, e);
@@ -187,7 +194,15 @@ export class QueueRunner {
       features: c.features,
       publish: () => this.publish(rq),
       resume: () => this.kick(c.index),
-      watch: (fd, onReadable) => this.env.watch(fd, onReadable),
+      watch: (fd, onReadable) =>
+        this.env.watch(fd, () => {
+          try {
+            onReadable();
+          } catch (e) {
+            this.fail(rq, e);
+          }
+        }),
+      log: (message) => this.env.log(`queue ${c.index}: ${message}`),
     };
     rq.handler = this.factory(ctx);
     this.queues.set(c.index, rq);

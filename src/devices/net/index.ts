@@ -224,6 +224,7 @@ export function createQueueHandler(ctx: QueueContext<NetQueueOptions>): QueueHan
     rx: () => pair.rx,
     publishRx: () => pair.rxCtx?.publish(),
     watch: ctx.watch,
+    log: ctx.log,
   };
   pair.port ??= openPort(o.backend, hooks);
   const announce = () => {

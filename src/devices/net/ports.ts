@@ -22,6 +22,7 @@ export interface PortHooks {
   /** Make frames delivered outside the receive queue's own processing visible to the guest (and notify). */
   publishRx(): void;
   watch(fd: number, onReadable: () => void): { close(): void };
+  log(message: string): void;
 }
 
 export interface PortBackend {

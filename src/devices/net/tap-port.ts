@@ -22,6 +22,11 @@ export class TapPort implements PortBackend {
   /** Length of a frame read but not yet delivered (0: none). */
   private pending = 0;
   private watch: { close(): void } | null = null;
+  /** Reading failed for good (the tap is gone). */
+  private readFailed = false;
+  /** The error transmits fail with, while they do (logged once per episode), and the frames dropped meanwhile. */
+  private failing: string | null = null;
+  private failedFrames = 0;
 
   constructor(
     name: string,
@@ -47,8 +52,33 @@ export class TapPort implements PortBackend {
     const c = frame.chain;
     if (c.readableCount > this.iov.capacity) return false;
     for (let i = 0; i < c.readableCount; i++) this.iov.set(i, c.hostAddress(i), c.segLength[i]);
-    // EAGAIN: the tap's queue is full; the frame is dropped as a NIC would.
-    return writev(this.fd, this.iov, c.readableCount) > 0;
+    let sent: boolean;
+    try {
+      // EAGAIN (-1): the tap's queue is full; the frame is dropped as a NIC would.
+      sent = writev(this.fd, this.iov, c.readableCount) > 0;
+    } catch (e) {
+      // EIO while the tap's link is down, EBADFD once it is deleted: the host's doing, not the guest's. Drop the
+      // frame (the caller counts it) and try the next one as usual, so traffic resumes when the link is back.
+      this.transmitFailed(e as Error);
+      return false;
+    }
+    if (this.failing !== null) this.transmitResumed();
+    return sent;
+  }
+
+  private transmitFailed(e: Error): void {
+    this.failedFrames++;
+    const why = (e as { code?: string }).code ?? e.message;
+    if (this.failing === why) return;
+    this.failing = why;
+    const hint = why === 'EIO' ? ' (its link is down)' : why === 'EBADFD' ? ' (it was deleted)' : '';
+    this.hooks.log(`tap ${this.name}: writing a frame failed with ${why}${hint}; dropping the guest's frames until it works again`);
+  }
+
+  private transmitResumed(): void {
+    this.hooks.log(`tap ${this.name}: transmitting again, ${this.failedFrames} frames dropped meanwhile`);
+    this.failing = null;
+    this.failedFrames = 0;
   }
 
   flush(): void {}
@@ -56,7 +86,11 @@ export class TapPort implements PortBackend {
   announce(frame: Uint8Array): void {
     const out = new Uint8Array(NET_HDR_SIZE + frame.length);
     out.set(frame, NET_HDR_SIZE);
-    write(this.fd, out);
+    try {
+      write(this.fd, out);
+    } catch (e) {
+      this.transmitFailed(e as Error);
+    }
   }
 
   rxReady(): void {
@@ -81,13 +115,22 @@ export class TapPort implements PortBackend {
 
   private pump(): void {
     const rx = this.hooks.rx();
-    if (!rx) return this.pause();
+    if (!rx || this.readFailed) return this.pause();
     const s = this.hooks.stats;
     let delivered = 0;
     for (let n = 0; n < RX_BUDGET; n++) {
       let len = this.pending;
       if (len === 0) {
-        len = read(this.fd, this.bounce);
+        try {
+          len = read(this.fd, this.bounce);
+        } catch (e) {
+          // The tap is gone (EBADFD) or broken: nothing more will come from it. Stop watching (an fd in error
+          // stays readable and would wake us forever); the guest's queues keep running without receive traffic.
+          this.hooks.log(`tap ${this.name}: reading failed with ${(e as { code?: string }).code ?? (e as Error).message}; receiving stopped`);
+          this.readFailed = true;
+          this.pause();
+          break;
+        }
         if (len < 0) break; // drained
         if (len < NET_HDR_SIZE + ETH_HEADER) {
           s[5]++;
@@ -112,7 +155,7 @@ export class TapPort implements PortBackend {
         delivered++;
       }
     }
-    if (this.pending === 0) this.resume();
+    if (this.pending === 0 && !this.readFailed) this.resume();
     if (delivered > 0) this.hooks.publishRx();
   }
 }
