@@ -51,3 +51,4 @@ export {
   type TapOptions,
   type TapInfo,
 } from './tap.js';
+export { openPty, windowSize, setWindowSize, hungUp, type Pty, type WindowSize } from './pty.js';

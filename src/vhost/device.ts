@@ -48,8 +48,16 @@ export const FRAMEWORK_FEATURES =
   bit(VHOST_USER_F_PROTOCOL_FEATURES);
 
 export interface DataPlane<O> {
-  /** Module exporting `createQueueHandler` (a {@link QueueHandlerFactory}); usually `new URL(import.meta.url)`. */
-  module: URL;
+  /**
+   * Module exporting `createQueueHandler` (a {@link QueueHandlerFactory}); usually `new URL(import.meta.url)`.
+   * Optional with thread 'main' and `createQueueHandler` given.
+   */
+  module?: URL;
+  /**
+   * thread 'main' only: the factory itself, called in this process. The handlers then share state with the
+   * control half directly (host-side sockets, terminals), with no module to load and nothing to clone.
+   */
+  createQueueHandler?(ctx: QueueContext<O>): QueueHandler;
   /** Handed to every queue handler; must survive structured cloning (no functions, no class instances). */
   options: O;
   /**

@@ -15,7 +15,9 @@ export interface RunnerHost {
 
 export interface RunnerHostOptions {
   /** Device data-plane module (exports createQueueHandler). */
-  module: URL;
+  module?: URL;
+  /** Inline hosts only: the factory, instead of a module to import. */
+  factory?: QueueHandlerFactory;
   options: unknown;
   name: string;
   log: (message: string) => void;
@@ -41,6 +43,7 @@ export class WorkerHost implements RunnerHost {
   }
 
   static async start(opts: RunnerHostOptions): Promise<WorkerHost> {
+    if (!opts.module) throw new Error(`${opts.name}: queues in worker threads need dataPlane.module (a function cannot cross threads)`);
     const controlFd = eventfdCreate(0, true);
     const { port1, port2 } = new MessageChannel();
     const worker = spawnWorker(
@@ -143,6 +146,8 @@ export class InlineHost implements RunnerHost {
   }
 
   static async start(opts: RunnerHostOptions): Promise<InlineHost> {
+    if (opts.factory) return new InlineHost(opts.factory, opts);
+    if (!opts.module) throw new Error(`${opts.name}: the device's dataPlane names neither a module nor createQueueHandler`);
     const mod = (await import(opts.module.href)) as { createQueueHandler?: QueueHandlerFactory };
     if (typeof mod.createQueueHandler !== 'function') {
       throw new Error(`${opts.name}: ${opts.module.href} does not export createQueueHandler(ctx)`);

@@ -10,7 +10,7 @@
  * - a broken ring marks only its queue broken (error eventfd), the session goes on.
  */
 import { close, eventfdWrite, sendMessage } from '../sys/index.js';
-import { bit, FRAMEWORK_FEATURES, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type VhostUserDevice } from './device.js';
+import { bit, FRAMEWORK_FEATURES, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type QueueHandlerFactory, type VhostUserDevice } from './device.js';
 import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
 import type { Connection, RawMessage } from './connection.js';
 import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } from './memory-map.js';
@@ -427,6 +427,7 @@ export class BackendSession {
       const plane = this.device.dataPlane;
       const opts = {
         module: plane.module,
+        factory: plane.createQueueHandler?.bind(plane) as QueueHandlerFactory | undefined,
         options: plane.options,
         name: `${this.device.name} queue group ${group}`,
         log: (m: string) => this.log.warn(m),
