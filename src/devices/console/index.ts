@@ -91,6 +91,8 @@ export interface ConsolePortStats {
   bytesFromGuest: number;
   /** Guest output in the backlog, waiting for a client. */
   backlogged: number;
+  /** Host input read and not yet taken by the guest (bounded: the host end is not read beyond BACKLOG_BYTES). */
+  heldForGuest: number;
   /** Guest output dropped because the backlog was full (console port only). */
   dropped: number;
 }
@@ -473,6 +475,7 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
         bytesToGuest: p.bytesToGuest,
         bytesFromGuest: p.bytesFromGuest,
         backlogged: p.backlogBytes,
+        heldForGuest: p.pendingBytes,
         dropped: p.dropped,
       })),
     resize,
