@@ -39,11 +39,19 @@ hostname vhost-ts-guest
 ip link set lo up
 
 root=
+hvcshell=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     harness.root=*) root="\${arg#harness.root=}" ;;
+    harness.hvc-shell) hvcshell=1 ;;
   esac
 done
+
+# vhost-ts vm --console: a shell on the virtio console too, respawned when it exits.
+if [ -n "$hvcshell" ]; then
+  (i=0; while [ ! -e /dev/hvc0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+   while [ -e /dev/hvc0 ]; do setsid getty -n -l /bin/sh 0 hvc0; sleep 1; done) &
+fi
 
 if [ -n "$root" ]; then
   i=0

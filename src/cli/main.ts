@@ -3,6 +3,7 @@
  */
 import { parseArgs } from 'node:util';
 import { blkDevice } from '../devices/blk/index.js';
+import { consoleCommand } from './console.js';
 import { netCommand } from './net.js';
 import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer } from '../vhost/index.js';
@@ -16,6 +17,8 @@ devices (vhost-user backends):
   rng        virtio-rng: random numbers for the guest (QEMU: -device vhost-user-rng-pci)
   blk        virtio-blk: a raw image or block device (QEMU: -device vhost-user-blk-pci; libblkio)
   net        virtio-net: tap, built-in switch, or sink/source for benchmarks (QEMU: -netdev vhost-user)
+  console    virtio-console: hvc0 and named ports on sockets, ptys, this terminal or files (QEMU 10.2+:
+             -device vhost-user-test-device-pci,virtio-id=3)
 
 tools:
   setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
@@ -72,6 +75,7 @@ const devices: Record<string, DeviceCommand> = {
 };
 
 devices.net = netCommand;
+devices.console = consoleCommand;
 
 function byteSize(text: string, flag: string): number {
   const m = /^(\d+)([KMG]?)$/i.exec(text);

@@ -12,15 +12,18 @@ import type { VhostUserDevice as QemuDevice } from '../../harness/qemu-args.js';
 import { ensureSetup } from '../../harness/setup.js';
 import { guestCommand, runGuest } from '../../harness/vm.js';
 import { blkDevice } from '../devices/blk/index.js';
+import { consoleDevice, parseHostEnd, type ConsoleDevice } from '../devices/console/index.js';
 import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer } from '../vhost/index.js';
 import { UsageError } from './backend-options.js';
 
-export const vmUsage = `usage: vhost-ts vm [--rng] [--blk IMAGE] [--script FILE | --shell] [--accel kvm|tcg] [--memory MiB] [--timeout SECONDS]
+export const vmUsage = `usage: vhost-ts vm [--rng] [--blk IMAGE] [--console [BACKEND]] [--script FILE | --shell] [--accel kvm|tcg] [--memory MiB] [--timeout SECONDS]
 
 Boots the test guest (built by 'vhost-ts setup') with the chosen vhost-ts devices served by this process.
   --rng              attach virtio-rng (vhost-user-rng-pci); the guest sees /dev/hwrng
   --blk IMAGE        attach IMAGE as virtio-blk (vhost-user-blk-pci, 2 queues); the guest sees /dev/vda
+  --console [BACKEND] attach virtio-console with a shell on the guest's /dev/hvc0, served on BACKEND
+                     (socket:PATH, pty, file:PATH; default pty, whose path is printed)
   --script FILE      run FILE (busybox sh) in the guest; its 'RESULT ...' lines and exit code come back
   --shell            an interactive shell on the serial console instead (leave with 'poweroff -f')
   --accel kvm|tcg    force the accelerator (default: KVM where it can boot a stock kernel, else TCG)
@@ -29,16 +32,23 @@ Boots the test guest (built by 'vhost-ts setup') with the chosen vhost-ts device
 
 const DEFAULT_SCRIPT = `echo "devices: $(ls /sys/bus/virtio/devices | tr '\\n' ' ')"
 [ -e /dev/vda ] && echo "RESULT vda $(cat /sys/block/vda/size) sectors, $(ls /sys/block/vda/mq | wc -l) queues"
-[ -e /dev/hwrng ] && echo "RESULT hwrng $(cat /sys/class/misc/hw_random/rng_current) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')"
+[ "$(cat /sys/class/misc/hw_random/rng_current)" != none ] && echo "RESULT hwrng $(cat /sys/class/misc/hw_random/rng_current) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')"
+if [ -e /sys/class/virtio-ports/vport0p0 ]; then
+  echo "RESULT hvc0 $(stty -F /dev/hvc0 size 2>&1) (rows cols)"
+  echo "hello from the guest's /dev/hvc0" > /dev/hvc0
+fi
 true`;
 
 export async function vmMain(argv: string[]): Promise<number> {
+  // --console takes an optional value, which parseArgs cannot express: supply the default.
+  const args = argv.flatMap((a, i) => (a === '--console' && (i + 1 === argv.length || argv[i + 1].startsWith('--')) ? [a, 'pty'] : [a]));
   const { values } = parseArgs({
-    args: argv,
+    args,
     strict: true,
     options: {
       rng: { type: 'boolean' },
       blk: { type: 'string' },
+      console: { type: 'string' },
       script: { type: 'string' },
       shell: { type: 'boolean' },
       accel: { type: 'string' },
@@ -62,7 +72,22 @@ export async function vmMain(argv: string[]): Promise<number> {
   const dir = mkdtempSync(join(tmpdir(), 'vhost-ts-vm-'));
   const servers: VhostUserServer[] = [];
   const devices: QemuDevice[] = [];
+  let console_: ConsoleDevice | null = null;
   try {
+    if (values.console !== undefined) {
+      let end;
+      try {
+        end = parseHostEnd(values.console);
+      } catch (e) {
+        throw new UsageError(`--console: ${(e as Error).message}`);
+      }
+      if (end.kind === 'stdio') throw new UsageError('--console stdio: the terminal already shows the serial console; use pty or socket:PATH');
+      const socket = join(dir, 'console.sock');
+      console_ = consoleDevice({ console: end });
+      servers.push(await VhostUserServer.start(console_, { socketPath: socket }));
+      devices.push({ kind: 'console', socket, numQueues: console_.numQueues });
+      console.error(`vhost-ts vm: the guest's /dev/hvc0 (a shell) is on ${console_.describe(0)}`);
+    }
     if (values.rng) {
       const socket = join(dir, 'rng.sock');
       servers.push(await VhostUserServer.start(rngDevice(), { socketPath: socket }));
@@ -73,10 +98,12 @@ export async function vmMain(argv: string[]): Promise<number> {
       servers.push(await VhostUserServer.start(blkDevice({ path: values.blk, numQueues: 2 }), { socketPath: socket }));
       devices.push({ kind: 'blk', socket, numQueues: 2 });
     }
-    if (values.shell) return await shell(setup, devices, memoryMiB, accel);
+    const append = console_ ? ['harness.hvc-shell'] : [];
+    if (values.shell) return await shell(setup, devices, memoryMiB, accel, append);
     const run = await runGuest({
       setup,
       devices,
+      append,
       script,
       timeoutMs,
       memoryMiB,
@@ -87,14 +114,15 @@ export async function vmMain(argv: string[]): Promise<number> {
     return run.exitCode;
   } finally {
     for (const s of servers) await s.close();
+    console_?.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
 /** QEMU in the foreground with the serial console on this terminal; no script, so the guest's /init starts a shell. */
-async function shell(setup: Awaited<ReturnType<typeof ensureSetup>>, devices: QemuDevice[], memoryMiB: number, accel?: 'kvm' | 'tcg'): Promise<number> {
+async function shell(setup: Awaited<ReturnType<typeof ensureSetup>>, devices: QemuDevice[], memoryMiB: number, accel: 'kvm' | 'tcg' | undefined, append: string[]): Promise<number> {
   const choice = chooseAccel(accel ? { force: accel } : {});
-  const cmd = guestCommand(setup, { accelArgs: choice.args, memoryMiB, cpus: 2, devices });
+  const cmd = guestCommand(setup, { accelArgs: choice.args, memoryMiB, cpus: 2, devices, append });
   console.error(`vhost-ts vm: ${choice.accel}; a shell comes up on the console; 'poweroff -f' ends it`);
   const child = spawn(cmd.file, cmd.args, { stdio: 'inherit', env: { ...process.env, ...cmd.env } });
   const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));

@@ -1,7 +1,7 @@
 // The console device serving a real guest through QEMU's vhost-user-test-device-pci (virtio-id 3) and the guest
 // kernel's virtio_console driver: the console port (hvc0) and a named port, both on socket backends.
 import { createHash } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureSetup, type HarnessSetup } from '../../harness/setup.js';
 import { liveQemuPids, runGuest } from '../../harness/vm.js';
 import { consoleDevice } from '../../src/devices/console/index.js';
+import { setWindowSize } from '../../src/sys/index.js';
 import { VhostUserServer } from '../../src/vhost/index.js';
 
 const MIB = 1 << 20;
@@ -74,9 +75,12 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('console device in a guest
     const payload = Buffer.alloc(16 * MIB);
     for (let i = 0; i < payload.length; i += 4) payload.writeUInt32LE(((Math.imul(i, 2654435761) >>> 0) ^ 0x5a5a5a5a) >>> 0, i);
     const payloadMd5 = createHash('md5').update(payload).digest('hex');
+    const abort = new AbortController();
+    let guest: ReturnType<typeof runGuest> | undefined;
     try {
-      const guest = runGuest({
+      guest = runGuest({
         setup,
+        signal: abort.signal,
         timeoutMs: 240_000,
         memoryMiB: 384,
         devices: [{ kind: 'console', socket, numQueues: 6 }],
@@ -85,9 +89,11 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('console device in a guest
           'echo "RESULT ports $(ls /sys/class/virtio-ports | tr "\\n" " ")"',
           'echo "RESULT name $(cat /sys/class/virtio-ports/vport0p1/name)"',
           'echo "RESULT size $(stty -F /dev/hvc0 size 2>&1)"',
-          'stty -F /dev/hvc0 raw -echo',
-          'echo "hello from the guest" > /dev/hvc0',
-          'read -r line < /dev/hvc0; echo "RESULT line $line"',
+          // Held open on fd 3 throughout: a tty's last close throws away input that has not been read yet.
+          'exec 3<>/dev/hvc0',
+          'stty raw -echo <&3',
+          'echo "hello from the guest" >&3',
+          'read -r line <&3; echo "RESULT line $line"',
           // 16 MiB guest -> host on the named port, then host -> guest.
           `head -c ${16 * MIB} /dev/urandom > /tmp/out; echo "RESULT outmd5 $(md5sum < /tmp/out | cut -d" " -f1)"`,
           'cat /tmp/out > /dev/vport0p1',
@@ -115,10 +121,127 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('console device in a guest
       expect(run.results).toContain(`inmd5 ${payloadMd5}`);
       console.log(`console guest under ${run.accel}: booted in ${run.bootMs} ms; ${JSON.stringify(dev.ports())}`);
     } finally {
+      abort.abort(); // a failed host-side step leaves the guest running otherwise
+      await guest?.catch(() => {});
       con.socket.destroy();
       port.socket.destroy();
       await server.close();
       dev.close();
+    }
+    expect(logs.filter((e) => !/frontend disconnected|client (attached|gone)/.test(e))).toEqual([]);
+    expect(liveQemuPids()).toEqual([]);
+  }, 300_000);
+
+  it('a root login on hvc0 through the socket backend; a named port closed, reopened and reconnected loses nothing', async () => {
+    const logs: string[] = [];
+    const hvc = join(dir, 'login.sock');
+    const data = join(dir, 'data2.sock');
+    const dev = consoleDevice({ console: { kind: 'socket', path: hvc }, ports: [{ name: 'org.vhost-ts.data', backend: { kind: 'socket', path: data } }], log: (m) => logs.push(m) });
+    const socket = join(dir, 'console2.sock');
+    const server = await VhostUserServer.start(dev, { socketPath: socket, log: { info() {}, warn: (m) => logs.push(m), error: (m) => logs.push(m) } });
+    const con = await client(hvc);
+    let port = await client(data);
+    const steps: Promise<void>[] = [];
+    const abort = new AbortController();
+    let guest: ReturnType<typeof runGuest> | undefined;
+    try {
+      guest = runGuest({
+        setup,
+        signal: abort.signal,
+        timeoutMs: 240_000,
+        devices: [{ kind: 'console', socket, numQueues: 4 + 2 }],
+        script: [
+          'n=0; until [ -e /dev/hvc0 ] && [ -e /dev/vport0p1 ]; do n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.1; done',
+          // A passwordless root, and busybox's getty and login on the virtio console, as a person would meet them.
+          "echo 'root::0:0:root:/root:/bin/sh' > /etc/passwd",
+          'setsid getty 0 hvc0 &',
+          // The named port: write, close; the host client goes; reopen and write again (it waits for a client).
+          'echo part1 > /dev/vport0p1',
+          'echo "RESULT step wrote1"',
+          'echo part2 > /dev/vport0p1',
+          'echo "RESULT step wrote2"',
+          // Host input sent while the guest has the port closed is held until it opens it. A read while the host
+          // side is closed is end-of-file (virtio-console's rule), so read until the new client's line is there.
+          'n=0; back=; until [ -n "$back" ] || [ $n -gt 300 ]; do read -r back < /dev/vport0p1 || sleep 0.1; n=$((n+1)); done',
+          'echo "RESULT back $back"',
+          'n=0; until [ -e /tmp/logged-in ]; do n=$((n+1)); [ $n -gt 600 ] && break; sleep 0.1; done',
+          'echo "RESULT login $(cat /tmp/logged-in)"',
+        ].join('\n'),
+        onConsoleLine: (line) => {
+          if (process.env.CONSOLE_DEBUG) console.log('guest:', line);
+        },
+      });
+      // The named port's client: part1 arrives, then it hangs up; a new client gets part2 whichever way the race
+      // goes (the guest blocked until a client attached, or the bytes waited in the backlog), then sends back.
+      steps.push(
+        (async () => {
+          await port.waitFor((b) => b.toString() === 'part1\n', 120_000, 'part1');
+          port.socket.destroy();
+          port = await client(data);
+          await port.waitFor((b) => b.toString() === 'part2\n', 120_000, 'part2 after the reconnect');
+          port.socket.write('back\n');
+        })(),
+      );
+      // The login, typed on the socket as a person would.
+      steps.push(
+        (async () => {
+          await con.waitFor((b) => /login: $/.test(b.toString()), 120_000, 'the login prompt on hvc0');
+          con.socket.write('root\n');
+          // ash asks the terminal for its cursor position (ESC [6n) after its prompt.
+          await con.waitFor((b) => /# (\x1b\[6n)?$/.test(b.toString()), 60_000, 'a root shell prompt');
+          con.socket.write('echo LOGIN-$((6*7)) $(id -u) $(tty) > /tmp/logged-in; echo DONE-$((1+1))\n');
+          await con.waitFor((b) => b.toString().includes('DONE-2'), 60_000, 'the command output');
+        })(),
+      );
+      const [run] = await Promise.all([guest, ...steps]);
+      expect(run.exitCode, run.console.slice(-3000)).toBe(0);
+      expect(run.results).toContain('back back');
+      expect(run.results).toContain('login LOGIN-42 0 /dev/hvc0');
+    } finally {
+      abort.abort(); // a failed host-side step leaves the guest running otherwise
+      await guest?.catch(() => {});
+      con.socket.destroy();
+      port.socket.destroy();
+      await server.close();
+      dev.close();
+    }
+    expect(logs.filter((e) => !/frontend disconnected|client (attached|gone)|delivered from the backlog/.test(e))).toEqual([]);
+    expect(liveQemuPids()).toEqual([]);
+  }, 300_000);
+
+  it('a pty console: the guest gets --cols/--rows, then the size the terminal on the pty sets', async () => {
+    const logs: string[] = [];
+    const dev = consoleDevice({ console: { kind: 'pty' }, cols: 100, rows: 30, log: (m) => logs.push(m) });
+    const path = dev.describe(0).replace(/^pty /, '');
+    const slave = openSync(path, 'r+'); // the user's terminal program
+    const socket = join(dir, 'console3.sock');
+    const server = await VhostUserServer.start(dev, { socketPath: socket, log: { info() {}, warn: (m) => logs.push(m), error: (m) => logs.push(m) } });
+    try {
+      let resized = false;
+      const run = await runGuest({
+        setup,
+        timeoutMs: 240_000,
+        devices: [{ kind: 'console', socket, numQueues: 4 }],
+        script: [
+          'n=0; until [ -e /dev/hvc0 ]; do n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.1; done',
+          'echo "RESULT size1 $(stty -F /dev/hvc0 size)"',
+          'n=0; until [ "$(stty -F /dev/hvc0 size)" = "50 120" ]; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 0.1; done',
+          'echo "RESULT size2 $(stty -F /dev/hvc0 size)"',
+        ].join('\n'),
+        onConsoleLine: (line) => {
+          if (line.startsWith('RESULT size1') && !resized) {
+            resized = true;
+            setWindowSize(slave, { cols: 120, rows: 50 }); // what xterm or screen does when its window changes
+          }
+        },
+      });
+      expect(run.exitCode, run.console.slice(-3000)).toBe(0);
+      expect(run.results).toContain('size1 30 100');
+      expect(run.results).toContain('size2 50 120');
+    } finally {
+      await server.close();
+      dev.close();
+      closeSync(slave);
     }
     expect(logs.filter((e) => !/frontend disconnected|client (attached|gone)/.test(e))).toEqual([]);
     expect(liveQemuPids()).toEqual([]);

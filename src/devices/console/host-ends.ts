@@ -70,11 +70,16 @@ export function openHostEnd(spec: HostEndSpec, events: HostEndEvents): HostEnd {
   }
 }
 
-/** A Unix socket server; one client at a time (a second one is told so and closed). */
+/**
+ * A Unix socket server, one client at a time. A client that connects while another is attached waits (unread)
+ * until that one leaves, as it would in the listen queue; a third is told the port is busy and closed. (A client
+ * that reconnects at once often arrives before its old connection's close has been seen here.)
+ */
 class SocketEnd implements HostEnd {
   readonly description: string;
   private readonly server: Server;
   private client: Socket | null = null;
+  private waiting: Socket | null = null;
   private paused = false;
 
   constructor(
@@ -93,22 +98,38 @@ class SocketEnd implements HostEnd {
   }
 
   private accept(socket: Socket): void {
-    if (this.client) {
+    socket.on('error', () => {}); // 'close' follows and says it
+    if (this.client === null) return this.attach(socket);
+    if (this.waiting !== null) {
       socket.end('vhost-ts console: this port already has a client\r\n');
       return;
     }
+    this.waiting = socket;
+    socket.pause();
+    socket.once('close', () => {
+      if (this.waiting === socket) this.waiting = null;
+    });
+  }
+
+  private attach(socket: Socket): void {
     this.client = socket;
     socket.on('data', (d: Buffer) => this.events.input(d));
     socket.on('drain', () => this.events.drain());
-    socket.on('error', () => {}); // 'close' follows and says it
     socket.on('close', () => {
       if (this.client !== socket) return;
       this.client = null;
       this.events.connection(false);
       // Output that was waiting for this client's socket to drain now goes to the backlog.
       this.events.drain();
+      const next = this.waiting;
+      this.waiting = null;
+      if (next !== null && !next.destroyed) {
+        if (!this.paused) next.resume();
+        this.attach(next);
+      }
     });
     if (this.paused) socket.pause();
+    else socket.resume();
     this.events.connection(true);
   }
 
@@ -132,8 +153,9 @@ class SocketEnd implements HostEnd {
   }
 
   close(): void {
+    this.waiting?.destroy();
     this.client?.destroy();
-    this.client = null;
+    this.waiting = this.client = null;
     this.server.close();
     try {
       unlinkSync(this.path);

@@ -480,16 +480,24 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
       })),
     resize,
     describe: (port) => ports[port]?.end.description ?? describeHostEnd(specs[port]),
-    qemuArgs: (socketPath, id = 'console0') => [
-      '-chardev',
-      `socket,id=${id},path=${socketPath}`,
-      '-device',
-      `vhost-user-test-device-pci,chardev=${id},virtio-id=${VIRTIO_ID_CONSOLE},num_vqs=${queuesFor(maxPorts)},config_size=${CONFIG_SIZE}`,
-    ],
+    qemuArgs: (socketPath, id) => consoleQemuArgs(socketPath, maxPorts, id),
     close() {
       for (const p of ports) p.end.close();
     },
   };
+}
+
+/**
+ * QEMU's options for a console device on `socketPath`: QEMU has no vhost-user console device of its own, so the
+ * generic one (QEMU 10.2+) with the console's ID, queue count and config size.
+ */
+export function consoleQemuArgs(socketPath: string, maxPorts: number, id = 'console0'): string[] {
+  return [
+    '-chardev',
+    `socket,id=${id},path=${socketPath}`,
+    '-device',
+    `vhost-user-test-device-pci,chardev=${id},virtio-id=${VIRTIO_ID_CONSOLE},num_vqs=${queuesFor(maxPorts)},config_size=${CONFIG_SIZE}`,
+  ];
 }
 
 /** A chain's device-readable bytes, copied out (the host end writes asynchronously). */
