@@ -1,12 +1,12 @@
 #!/usr/bin/env node
-// Runs the built CLI when there is one (npm package), else the TypeScript source through tsx (a git checkout).
+// In a git checkout (tsconfig.json beside bin/), runs the TypeScript source through tsx, so a stale dist/ from an
+// earlier `npm pack` is never what runs; in the npm package (no tsconfig.json), the built CLI in dist/.
 import { existsSync } from 'node:fs';
 
-const built = new URL('../dist/src/cli/main.js', import.meta.url);
-if (existsSync(built)) {
-  await import(built.href);
-} else {
+if (existsSync(new URL('../tsconfig.json', import.meta.url))) {
   const { register } = await import('tsx/esm/api');
   register();
   await import(new URL('../src/cli/main.ts', import.meta.url).href);
+} else {
+  await import(new URL('../dist/src/cli/main.js', import.meta.url).href);
 }

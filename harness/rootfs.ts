@@ -10,9 +10,9 @@ import type { KernelInfo } from './kernel.js';
 import { chrootApt, debootstrap } from './qemu-install.js';
 import { diskUsage, formatBytes, type Progress } from './progress.js';
 
-const ROOTFS_FORMAT = 1;
+const ROOTFS_FORMAT = 3;
 const SUITE = 'bookworm';
-const PACKAGES = ['systemd', 'systemd-sysv', 'udev', 'kmod', 'iproute2', 'ethtool', 'fio', 'iperf3', 'e2fsprogs', 'procps'];
+const PACKAGES = ['systemd', 'systemd-sysv', 'udev', 'kmod', 'iproute2', 'iputils-ping', 'ethtool', 'fio', 'iperf3', 'e2fsprogs', 'procps'];
 export const ROOTFS_LABEL = 'vhost-ts-root';
 
 export interface RootfsImage {
@@ -42,6 +42,40 @@ ExecStart=/usr/local/sbin/vhost-ts-harness
 WantedBy=multi-user.target
 `;
 
+// The guest's address from the kernel command line (vhost_ts.ip=ADDR/PREFIX, set by vhost-ts demo with
+// net.ifnames=0) on eth0; nothing on the command line, nothing done.
+const NET_UNIT = `[Unit]
+Description=vhost-ts guest address from the kernel command line
+After=systemd-udevd.service
+Before=network.target
+Wants=network.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/vhost-ts-net
+
+[Install]
+WantedBy=multi-user.target
+`;
+
+const NET_SCRIPT = `#!/bin/sh
+addr=
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in vhost_ts.ip=*) addr="\${arg#vhost_ts.ip=}" ;; esac
+done
+[ -n "$addr" ] || exit 0
+# net.ifnames=0 beside vhost_ts.ip keeps the kernel's name, so no rename races us; udev may still be probing.
+udevadm settle --timeout=30
+i=0
+while [ ! -e /sys/class/net/eth0 ]; do
+  i=$((i + 1)); [ $i -gt 100 ] && { echo "vhost-ts-net: no eth0"; exit 1; }
+  sleep 0.1
+done
+ip link set eth0 up
+ip addr add "$addr" dev eth0
+`;
+
 // Autologin makes the serial console usable for manual debugging without a password prompt.
 const GETTY_AUTOLOGIN = `[Service]
 ExecStart=
@@ -61,10 +95,13 @@ async function configure(root: string, kernel: KernelInfo): Promise<void> {
   write(root, 'etc/modules-load.d/vhost-ts.conf', 'qemu_fw_cfg\nvirtio_net\nvirtio_blk\nvirtio_console\nvirtio_rng\n');
   write(root, 'etc/systemd/system/vhost-ts-harness.service', HARNESS_UNIT);
   write(root, 'usr/local/sbin/vhost-ts-harness', ROOTFS_RUNNER, 0o755);
+  write(root, 'etc/systemd/system/vhost-ts-net.service', NET_UNIT);
+  write(root, 'usr/local/sbin/vhost-ts-net', NET_SCRIPT, 0o755);
   write(root, 'etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf', GETTY_AUTOLOGIN);
   const wants = path.join(root, 'etc/systemd/system/multi-user.target.wants');
   fs.mkdirSync(wants, { recursive: true });
   fs.symlinkSync('/etc/systemd/system/vhost-ts-harness.service', path.join(wants, 'vhost-ts-harness.service'));
+  fs.symlinkSync('/etc/systemd/system/vhost-ts-net.service', path.join(wants, 'vhost-ts-net.service'));
   const gettyWants = path.join(root, 'etc/systemd/system/getty.target.wants');
   fs.mkdirSync(gettyWants, { recursive: true });
   fs.symlinkSync('/lib/systemd/system/serial-getty@.service', path.join(gettyWants, 'serial-getty@ttyS0.service'));

@@ -102,7 +102,7 @@ export function loadSetup(cacheDir?: string): HarnessSetup | undefined {
 }
 
 function usage(): string {
-  return `usage: npm run setup [-- [--full] [--rebuild] [--cache DIR]]
+  return `usage: vhost-ts setup [--full] [--rebuild] [--cache DIR]   (or: npm run setup -- ...)
   --full     also build the Debian bookworm rootfs image (systemd, getty on ttyS0, fio, iperf3, iproute2)
   --rebuild  rebuild every artefact even when cached
   --cache    cache directory (default $VHOST_TS_CACHE or ~/.cache/vhost-ts)`;

@@ -9,6 +9,7 @@ import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer } from '../vhost/index.js';
 import { setupMain } from '../../harness/setup.js';
 import { backendOptions, backendUsage, serveOptionsOf, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
+import { demoMain } from './demo.js';
 import { vmMain } from './vm.js';
 
 const usage = `usage: vhost-ts <command> [options]
@@ -19,6 +20,10 @@ devices (vhost-user backends):
   net        virtio-net: tap, built-in switch, or sink/source for benchmarks (QEMU: -netdev vhost-user)
   console    virtio-console: hvc0 and named ports on sockets, ptys, this terminal or files (QEMU 10.2+:
              -device vhost-user-test-device-pci,virtio-id=3)
+
+the main job:
+  demo       boot a full Debian whose disk, network and console are all served by vhost-ts (npm start);
+             --exec 'COMMANDS' runs commands in it through the console and exits with their status
 
 tools:
   setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
@@ -92,6 +97,7 @@ async function main(argv: string[]): Promise<number> {
   }
   if (command === 'setup') return setupMain(rest);
   if (command === 'vm') return vmMain(rest);
+  if (command === 'demo') return demoMain(rest);
   const dev = devices[command];
   if (!dev) throw new UsageError(`unknown command "${command}"`);
   const { values } = parseArgs({ args: rest, options: { ...backendOptions, ...dev.options }, strict: true });

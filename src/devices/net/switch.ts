@@ -212,7 +212,12 @@ class TapUplink implements Member {
     if (header) out.set(header, 0);
     else out.fill(0, 0, NET_HDR_SIZE);
     frame.copyTo(out, NET_HDR_SIZE, 0, frame.length);
-    return write(this.fd, out, NET_HDR_SIZE + frame.length) > 0;
+    try {
+      return write(this.fd, out, NET_HDR_SIZE + frame.length) > 0;
+    } catch {
+      // EIO while the uplink's link is down: dropped (the switch counts it), as for a full tap queue.
+      return false;
+    }
   }
 
   publish(): void {}
@@ -224,7 +229,14 @@ class TapUplink implements Member {
 
   private pump(): void {
     for (let n = 0; n < 256; n++) {
-      const len = read(this.fd, this.bounce);
+      let len: number;
+      try {
+        len = read(this.fd, this.bounce);
+      } catch {
+        // The tap is gone: stop watching it (an fd in error stays readable); the guests' ports go on.
+        this.watch.close();
+        break;
+      }
       if (len < 0) break;
       if (len < NET_HDR_SIZE + ETH_HEADER) continue;
       this.frame.set(this.bounce.subarray(NET_HDR_SIZE), len - NET_HDR_SIZE);
