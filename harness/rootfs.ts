@@ -10,9 +10,10 @@ import type { KernelInfo } from './kernel.js';
 import { chrootApt, debootstrap } from './qemu-install.js';
 import { diskUsage, formatBytes, type Progress } from './progress.js';
 
-const ROOTFS_FORMAT = 3;
+const ROOTFS_FORMAT = 4;
 const SUITE = 'bookworm';
-const PACKAGES = ['systemd', 'systemd-sysv', 'udev', 'kmod', 'iproute2', 'iputils-ping', 'ethtool', 'fio', 'iperf3', 'e2fsprogs', 'procps'];
+// dbus: systemd-logind needs it, and logind is what powers the guest off on an ACPI power button (vhost-ts demo's exit).
+const PACKAGES = ['systemd', 'systemd-sysv', 'dbus', 'udev', 'kmod', 'iproute2', 'iputils-ping', 'ethtool', 'fio', 'iperf3', 'e2fsprogs', 'procps'];
 export const ROOTFS_LABEL = 'vhost-ts-root';
 
 export interface RootfsImage {
