@@ -63,3 +63,8 @@ export function wholeNumber(text: string, flag: string): number {
   if (!Number.isInteger(n) || n < 1) throw new UsageError(`${flag} takes a positive whole number, not "${text}"`);
   return n;
 }
+
+/** A flag's whole number, or `fallback` when the flag was not given. */
+export function wholeNumberOr(text: string | undefined, fallback: number, flag: string): number {
+  return text === undefined ? fallback : wholeNumber(text, flag);
+}

@@ -27,7 +27,7 @@ import { netDevice } from '../devices/net/index.js';
 import { parseMac } from '../devices/net/spec.js';
 import { joinSwitch } from '../devices/net/switch.js';
 import { VhostUserServer, type Logger } from '../vhost/index.js';
-import { UsageError } from './backend-options.js';
+import { UsageError, wholeNumberOr } from './backend-options.js';
 import { ConsoleShell } from './demo-shell.js';
 
 export const demoUsage = `usage: vhost-ts demo [--exec 'COMMANDS'] [--net switch|none|tap:NAME] [--accel kvm|tcg] [--memory MiB] [--cpus N]
@@ -75,8 +75,8 @@ export async function demoMain(argv: string[]): Promise<number> {
   }
   const net = parseNet(values.net ?? 'switch');
   if (values.accel !== undefined && values.accel !== 'kvm' && values.accel !== 'tcg') throw new UsageError('--accel takes kvm or tcg');
-  const memoryMiB = positive(values.memory, 1024, '--memory');
-  const cpus = positive(values.cpus, 2, '--cpus');
+  const memoryMiB = wholeNumberOr(values.memory, 1024, '--memory');
+  const cpus = wholeNumberOr(values.cpus, 2, '--cpus');
   const exec = values.exec;
   const say = (m: string) => process.stderr.write(`vhost-ts demo: ${m}\n`);
 
@@ -269,11 +269,4 @@ function parseNet(text: string): NetChoice {
   const m = /^tap:([\w.-]{1,15})$/.exec(text);
   if (m) return { kind: 'tap', name: m[1] };
   throw new UsageError(`--net takes switch, none or tap:NAME, not "${text}"`);
-}
-
-function positive(text: string | undefined, fallback: number, flag: string): number {
-  if (text === undefined) return fallback;
-  const n = Number(text);
-  if (!Number.isInteger(n) || n <= 0) throw new UsageError(`${flag} takes a positive whole number, not "${text}"`);
-  return n;
 }

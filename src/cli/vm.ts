@@ -15,7 +15,7 @@ import { blkDevice } from '../devices/blk/index.js';
 import { consoleDevice, parseHostEnd, type ConsoleDevice } from '../devices/console/index.js';
 import { rngDevice } from '../devices/rng/index.js';
 import { VhostUserServer } from '../vhost/index.js';
-import { UsageError } from './backend-options.js';
+import { UsageError, wholeNumberOr } from './backend-options.js';
 
 export const vmUsage = `usage: vhost-ts vm [--rng] [--blk IMAGE] [--console [BACKEND]] [--script FILE | --shell] [--accel kvm|tcg] [--memory MiB] [--timeout SECONDS]
 
@@ -64,8 +64,8 @@ export async function vmMain(argv: string[]): Promise<number> {
   if (values.script !== undefined && values.shell) throw new UsageError('--script and --shell exclude each other');
   if (values.accel !== undefined && values.accel !== 'kvm' && values.accel !== 'tcg') throw new UsageError('--accel takes kvm or tcg');
   const accel = values.accel as 'kvm' | 'tcg' | undefined;
-  const memoryMiB = positive(values.memory, 512, '--memory');
-  const timeoutMs = positive(values.timeout, 300, '--timeout') * 1000;
+  const memoryMiB = wholeNumberOr(values.memory, 512, '--memory');
+  const timeoutMs = wholeNumberOr(values.timeout, 300, '--timeout') * 1000;
   const script = values.script !== undefined ? readFileSync(values.script, 'utf8') : DEFAULT_SCRIPT;
 
   const setup = await ensureSetup();
@@ -127,11 +127,4 @@ async function shell(setup: Awaited<ReturnType<typeof ensureSetup>>, devices: Qe
   const child = spawn(cmd.file, cmd.args, { stdio: 'inherit', env: { ...process.env, ...cmd.env } });
   const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
   return code;
-}
-
-function positive(text: string | undefined, fallback: number, flag: string): number {
-  if (text === undefined) return fallback;
-  const n = Number(text);
-  if (!Number.isInteger(n) || n <= 0) throw new UsageError(`${flag} takes a positive whole number, not "${text}"`);
-  return n;
 }

@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process';
+import { closeSync, constants, openSync } from 'node:fs';
 
 // Test utility: throwaway network namespaces managed with iproute2. Every name starts with `vts` so that
 // nothing here can address the host's own namespaces or interfaces by accident.
@@ -100,4 +101,14 @@ export async function netnsUnavailable(): Promise<string | null> {
     return `ip netns add failed: ${(error as Error).message}`;
   }
   return null;
+}
+
+/** Why taps cannot be made here (null when they can): /dev/net/tun must open. */
+export function tunUnavailable(): string | null {
+  try {
+    closeSync(openSync('/dev/net/tun', constants.O_RDWR));
+    return null;
+  } catch (error) {
+    return `/dev/net/tun cannot be opened: ${(error as Error).message}`;
+  }
 }

@@ -1,6 +1,6 @@
 // A tap backend whose link goes down and up under a transmitting guest: the host's trouble, not the guest's. The
 // frames are dropped and counted, the guest's queue keeps running (no error eventfd), and traffic resumes.
-import { closeSync, constants, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -9,16 +9,8 @@ import { NET_HDR_SIZE } from '../../src/devices/net/spec.js';
 import { VhostUserFrontend, type TestQueue } from '../../src/frontend/index.js';
 import { eventfdRead } from '../../src/sys/index.js';
 import { VhostUserServer, type Logger } from '../../src/vhost/index.js';
-import { createNetns, netnsUnavailable, type Netns } from './netns.js';
+import { createNetns, netnsUnavailable, tunUnavailable, type Netns } from './netns.js';
 
-function tunUnavailable(): string | null {
-  try {
-    closeSync(openSync('/dev/net/tun', constants.O_RDWR));
-    return null;
-  } catch (error) {
-    return `/dev/net/tun cannot be opened: ${(error as Error).message}`;
-  }
-}
 const skipReason = tunUnavailable() ?? (await netnsUnavailable());
 if (skipReason !== null) console.warn(`SKIPPED: tap link tests: ${skipReason}`);
 

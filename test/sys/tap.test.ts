@@ -1,4 +1,3 @@
-import { closeSync, constants, openSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import {
@@ -24,16 +23,8 @@ import {
   writev,
   type Tap,
 } from '../../src/sys/index.js';
-import { createNetns, netnsUnavailable, run, type Netns } from '../net/netns.js';
+import { createNetns, netnsUnavailable, run, tunUnavailable, type Netns } from '../net/netns.js';
 
-function tunUnavailable(): string | null {
-  try {
-    closeSync(openSync('/dev/net/tun', constants.O_RDWR));
-    return null;
-  } catch (error) {
-    return `/dev/net/tun cannot be opened: ${(error as Error).message}`;
-  }
-}
 
 const skipReason = tunUnavailable() ?? (await netnsUnavailable());
 if (skipReason !== null) console.warn(`tap tests skipped: ${skipReason}`);
