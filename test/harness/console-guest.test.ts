@@ -155,14 +155,16 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('console device in a guest
           // A passwordless root, and busybox's getty and login on the virtio console, as a person would meet them.
           "echo 'root::0:0:root:/root:/bin/sh' > /etc/passwd",
           'setsid getty 0 hvc0 &',
-          // The named port: write, close; the host client goes; reopen and write again (it waits for a client).
-          'echo part1 > /dev/vport0p1',
+          // The named port: open, write, close; the host client goes; reopen, write again (it waits for a client
+          // or lands in the backlog), and read the new client's line on the same open port. A read while the host
+          // side is closed is end-of-file (virtio-console's rule): retry. The port stays open meanwhile, because
+          // Linux drops what a port had not read yet when it is closed.
+          'exec 4<>/dev/vport0p1; echo part1 >&4; exec 4>&-',
           'echo "RESULT step wrote1"',
-          'echo part2 > /dev/vport0p1',
+          'exec 4<>/dev/vport0p1; echo part2 >&4',
           'echo "RESULT step wrote2"',
-          // Host input sent while the guest has the port closed is held until it opens it. A read while the host
-          // side is closed is end-of-file (virtio-console's rule), so read until the new client's line is there.
-          'n=0; back=; until [ -n "$back" ] || [ $n -gt 300 ]; do read -r back < /dev/vport0p1 || sleep 0.1; n=$((n+1)); done',
+          'n=0; back=; until [ -n "$back" ] || [ $n -gt 300 ]; do read -r back <&4 || sleep 0.1; n=$((n+1)); done',
+          'exec 4>&-',
           'echo "RESULT back $back"',
           'n=0; until [ -e /tmp/logged-in ]; do n=$((n+1)); [ $n -gt 600 ] && break; sleep 0.1; done',
           'echo "RESULT login $(cat /tmp/logged-in)"',
