@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 if (existsSync(new URL('../tsconfig.json', import.meta.url))) {
   const { register } = await import('tsx/esm/api');
   register();
-  await import(new URL('../src/cli/main.ts', import.meta.url).href);
+  await import(new URL('../cli/main.ts', import.meta.url).href);
 } else {
-  await import(new URL('../dist/src/cli/main.js', import.meta.url).href);
+  await import(new URL('../dist/cli/main.js', import.meta.url).href);
 }

@@ -2,12 +2,12 @@
  * vhost-ts command line: one subcommand per device, each a vhost-user backend program, plus tools.
  */
 import { parseArgs } from 'node:util';
-import { blkDevice } from '../devices/blk/index.js';
+import { blkDevice } from '../src/devices/blk/index.js';
 import { consoleCommand } from './console.js';
 import { netCommand } from './net.js';
-import { rngDevice } from '../devices/rng/index.js';
-import { VhostUserServer } from '../vhost/index.js';
-import { setupMain } from '../../harness/setup.js';
+import { rngDevice } from '../src/devices/rng/index.js';
+import { VhostUserServer } from '../src/vhost/index.js';
+import { setupMain } from '../harness/setup.js';
 import { backendOptions, backendUsage, serveOptionsOf, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
 import { demoMain } from './demo.js';
 import { vmMain } from './vm.js';

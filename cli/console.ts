@@ -1,5 +1,5 @@
 /** `vhost-ts console`: virtio-console with the console port and named ports on sockets, ptys, this terminal or files. */
-import { consoleDevice, consoleQemuArgs, parseHostEnd, type ConsoleDevice, type ConsolePortOptions, type HostEndSpec } from '../devices/console/index.js';
+import { consoleDevice, consoleQemuArgs, parseHostEnd, type ConsoleDevice, type ConsolePortOptions, type HostEndSpec } from '../src/devices/console/index.js';
 import { UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
 
 export const consoleCommand: DeviceCommand = {

@@ -1,7 +1,7 @@
 /** `vhost-ts net`: virtio-net ports on a tap, on a built-in switch (several ports per process), or sink/source. */
-import { netDevice, type NetBackendSpec } from '../devices/net/index.js';
-import { parseMac } from '../devices/net/spec.js';
-import { joinSwitch } from '../devices/net/switch.js';
+import { netDevice, type NetBackendSpec } from '../src/devices/net/index.js';
+import { parseMac } from '../src/devices/net/spec.js';
+import { joinSwitch } from '../src/devices/net/switch.js';
 import { UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
 
 export const netCommand: DeviceCommand = {

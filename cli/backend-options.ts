@@ -3,7 +3,7 @@
  * --socket-path, --fd, --print-capabilities; plus --connect for client mode.
  */
 import type { ParseArgsConfig } from 'node:util';
-import type { ServeOptions, VhostUserDevice } from '../vhost/index.js';
+import type { ServeOptions, VhostUserDevice } from '../src/vhost/index.js';
 
 export const backendOptions = {
   'socket-path': { type: 'string', multiple: true },

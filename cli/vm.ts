@@ -7,14 +7,14 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { chooseAccel } from '../../harness/accel.js';
-import type { VhostUserDevice as QemuDevice } from '../../harness/qemu-args.js';
-import { ensureSetup } from '../../harness/setup.js';
-import { guestCommand, runGuest } from '../../harness/vm.js';
-import { blkDevice } from '../devices/blk/index.js';
-import { consoleDevice, parseHostEnd, type ConsoleDevice } from '../devices/console/index.js';
-import { rngDevice } from '../devices/rng/index.js';
-import { VhostUserServer } from '../vhost/index.js';
+import { chooseAccel } from '../harness/accel.js';
+import type { VhostUserDevice as QemuDevice } from '../harness/qemu-args.js';
+import { ensureSetup } from '../harness/setup.js';
+import { guestCommand, runGuest } from '../harness/vm.js';
+import { blkDevice } from '../src/devices/blk/index.js';
+import { consoleDevice, parseHostEnd, type ConsoleDevice } from '../src/devices/console/index.js';
+import { rngDevice } from '../src/devices/rng/index.js';
+import { VhostUserServer } from '../src/vhost/index.js';
 import { UsageError, wholeNumberOr } from './backend-options.js';
 
 export const vmUsage = `usage: vhost-ts vm [--rng] [--blk IMAGE] [--console [BACKEND]] [--script FILE | --shell] [--accel kvm|tcg] [--memory MiB] [--timeout SECONDS]
