@@ -1,6 +1,6 @@
 /**
  * Test tooling, kept off the main entry point: our own vhost-user frontend (the QEMU side, with test guest memory
- * and queues) and the driver-side model of a split ring, for testing a device without QEMU.
+ * and queues) and driver-side models of split and packed rings, for testing a device without QEMU.
  *
  * @example
  * ```ts
@@ -15,4 +15,5 @@
  * ```
  */
 export * from './frontend/index.js';
-export { SplitQueueDriver, GuestAllocator, splitRingLayout, alignUp, type SplitRingLayout, type GuestBuffer } from './virtqueue/driver.js';
+export { SplitQueueDriver, GuestAllocator, splitRingLayout, alignUp, type SplitRingLayout, type RingLayout, type QueueDriver, type GuestBuffer } from './virtqueue/driver.js';
+export { PackedQueueDriver, packedRingLayout } from './virtqueue/packed-driver.js';

@@ -40,6 +40,7 @@ import {
   type BackendRequest,
   type RequestSpec,
 } from '../vhost/protocol.js';
+import { PACKED_INITIAL_BASE } from '../virtqueue/index.js';
 import { FrontendError } from './errors.js';
 import { TestGuestMemory, TestQueue, type TestQueueOptions } from './guest.js';
 import { MessageReader, type RawMessage } from './reader.js';
@@ -47,6 +48,15 @@ import { MessageReader, type RawMessage } from './reader.js';
 const bit = (n: number): bigint => 1n << BigInt(n);
 
 export const VIRTIO_RING_F_EVENT_IDX = 29;
+export const VIRTIO_F_RING_PACKED = 34;
+
+/** The ring layout tests use unless they ask: VHOST_TS_TEST_RING=packed runs a whole suite on packed rings. */
+export function testRing(): 'split' | 'packed' {
+  const env = process.env.VHOST_TS_TEST_RING;
+  if (env === undefined || env === '' || env === 'split') return 'split';
+  if (env === 'packed') return 'packed';
+  throw new FrontendError('UNSUPPORTED', `VHOST_TS_TEST_RING=${env}: use split or packed`);
+}
 
 /** Virtio device status bits (virtio 1.2 §2.1), for SET_STATUS. */
 export const VIRTIO_CONFIG_S_ACKNOWLEDGE = 1;
@@ -100,13 +110,18 @@ export interface InitOptions {
   backendChannel?: boolean;
 }
 
-export interface StartQueueOptions extends TestQueueOptions {
-  /** SET_VRING_BASE: where the device starts reading the avail ring. Default 0. */
+export interface StartQueueOptions extends Omit<TestQueueOptions, 'packed'> {
+  /** SET_VRING_BASE: where the device starts (split: avail index; packed: the 32-bit word). Default: the start. */
   base?: number;
 }
 
 export interface StartOptions extends InitOptions {
   queues: readonly StartQueueOptions[];
+  /**
+   * Ring layout to negotiate: 'packed' acks VIRTIO_F_RING_PACKED (the back-end must offer it), 'split' masks it
+   * out. Default: the VHOST_TS_TEST_RING environment variable, else 'split' (QEMU's default too).
+   */
+  ring?: 'split' | 'packed';
   /** Guest RAM to use (the caller keeps ownership). Default: a fresh TestGuestMemory, closed with the front-end. */
   memory?: TestGuestMemory;
 }
@@ -625,7 +640,13 @@ export class VhostUserFrontend {
     if (this.memory) throw new Error('start() already ran');
     if (!this.initialized) await this.init(options);
     const offered = this.offeredFeatures!;
-    const acked = offered & (options.features ?? ALL_FEATURES);
+    const ring = options.ring ?? testRing();
+    let acked = offered & (options.features ?? ALL_FEATURES);
+    if (ring === 'split') acked &= ~bit(VIRTIO_F_RING_PACKED);
+    else if ((acked & bit(VIRTIO_F_RING_PACKED)) === 0n) {
+      throw new FrontendError('UNSUPPORTED', 'packed rings asked for, but the back-end does not offer VIRTIO_F_RING_PACKED (or the feature mask drops it)');
+    }
+    const packed = ring === 'packed';
     const eventIdx = (acked & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n;
 
     const memory = options.memory ?? new TestGuestMemory();
@@ -634,7 +655,7 @@ export class VhostUserFrontend {
     const queues: TestQueue[] = [];
     for (const q of options.queues) {
       if (q.eventIdx && !eventIdx) throw new FrontendError('UNSUPPORTED', `queue ${q.index}: EVENT_IDX was not negotiated`);
-      const queue = new TestQueue(memory, { index: q.index, size: q.size, eventIdx: q.eventIdx ?? eventIdx });
+      const queue = new TestQueue(memory, { index: q.index, size: q.size, eventIdx: q.eventIdx ?? eventIdx, packed });
       queues.push(queue);
       this.queues.push(queue);
     }
@@ -645,7 +666,7 @@ export class VhostUserFrontend {
     await this.mapMemory(memory);
     for (const [i, q] of queues.entries()) {
       await this.setVringNum(q.index, q.size);
-      await this.setVringBase(q.index, options.queues[i].base ?? 0);
+      await this.setVringBase(q.index, options.queues[i].base ?? (packed ? PACKED_INITIAL_BASE : 0));
       await this.setVringAddr(q);
       await this.setVringKick(q.index, q.kickFd);
       await this.setVringCall(q.index, q.callFd);

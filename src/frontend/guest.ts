@@ -21,12 +21,15 @@ import type { MemoryRegion } from '../vhost/codec.js';
 import {
   GuestAllocator,
   GuestMemory,
+  PackedQueueDriver,
   SplitQueueDriver,
   WINDOW_SIZE,
+  packedRingLayout,
   splitRingLayout,
   type GuestBuffer,
   type GuestRegion,
-  type SplitRingLayout,
+  type QueueDriver,
+  type RingLayout,
 } from '../virtqueue/index.js';
 import { FrontendError } from './errors.js';
 
@@ -195,10 +198,12 @@ function windowsOf(address: number, size: number): Uint8Array[] {
 
 export interface TestQueueOptions {
   index: number;
-  /** Power of 2. */
+  /** Power of 2 (split), or 1 to 32768 (packed). */
   size: number;
   /** Drive the ring with VIRTIO_RING_F_EVENT_IDX semantics (the feature must be negotiated). */
   eventIdx?: boolean;
+  /** A packed ring (VIRTIO_F_RING_PACKED negotiated) instead of a split one. */
+  packed?: boolean;
 }
 
 export interface ChainSpec {
@@ -231,8 +236,9 @@ export class TestQueue {
   readonly index: number;
   readonly size: number;
   readonly eventIdx: boolean;
-  readonly layout: SplitRingLayout;
-  readonly driver: SplitQueueDriver;
+  readonly packed: boolean;
+  readonly layout: RingLayout;
+  readonly driver: QueueDriver;
   readonly kickFd: number;
   readonly callFd: number;
   readonly errFd: number;
@@ -249,15 +255,18 @@ export class TestQueue {
     options: TestQueueOptions,
   ) {
     const { index, size } = options;
-    if (!Number.isInteger(size) || size < 1 || size > 32768 || (size & (size - 1)) !== 0) {
-      throw new RangeError(`queue size ${size} is not a power of 2 up to 32768`);
+    this.packed = options.packed ?? false;
+    if (!Number.isInteger(size) || size < 1 || size > 32768 || (!this.packed && (size & (size - 1)) !== 0)) {
+      throw new RangeError(`queue size ${size} is not ${this.packed ? 'between 1 and' : 'a power of 2 up to'} 32768`);
     }
     this.index = index;
     this.size = size;
     this.eventIdx = options.eventIdx ?? false;
-    const bytes = splitRingLayout(size, 0).end;
-    this.layout = splitRingLayout(size, memory.alloc(bytes, 4096));
-    this.driver = new SplitQueueDriver(memory.memory, this.layout, this.eventIdx);
+    const layoutOf = this.packed ? packedRingLayout : splitRingLayout;
+    this.layout = layoutOf(size, memory.alloc(layoutOf(size, 0).end, 4096));
+    this.driver = this.packed
+      ? new PackedQueueDriver(memory.memory, this.layout, this.eventIdx)
+      : new SplitQueueDriver(memory.memory, this.layout, this.eventIdx);
     const fds: number[] = [];
     try {
       // Non-blocking, as QEMU's event notifiers are: the flag lives on the shared file description, so the

@@ -29,7 +29,7 @@
  * };
  * ```
  */
-import type { SplitQueue } from '../virtqueue/index.js';
+import type { Virtqueue } from '../virtqueue/index.js';
 import { VHOST_USER_F_PROTOCOL_FEATURES } from './protocol.js';
 
 /** Virtio feature bits the framework itself implements and offers for every device. */
@@ -37,6 +37,8 @@ export const VIRTIO_F_ANY_LAYOUT = 27;
 export const VIRTIO_RING_F_INDIRECT_DESC = 28;
 export const VIRTIO_RING_F_EVENT_IDX = 29;
 export const VIRTIO_F_VERSION_1 = 32;
+/** Packed virtqueues (virtio 1.2 §2.8): offered for every device; the frontend decides (QEMU: `packed=on`). */
+export const VIRTIO_F_RING_PACKED = 34;
 
 export const bit = (n: number): bigint => 1n << BigInt(n);
 
@@ -45,6 +47,7 @@ export const FRAMEWORK_FEATURES =
   bit(VIRTIO_RING_F_INDIRECT_DESC) |
   bit(VIRTIO_RING_F_EVENT_IDX) |
   bit(VIRTIO_F_VERSION_1) |
+  bit(VIRTIO_F_RING_PACKED) |
   bit(VHOST_USER_F_PROTOCOL_FEATURES);
 
 export interface DataPlane<O> {
@@ -116,7 +119,7 @@ export interface FrontendLink {
 export interface QueueContext<O = unknown> {
   readonly queueIndex: number;
   /** The queue this handler serves (the same object `process` gets), e.g. to fill it from another source. */
-  readonly queue: SplitQueue;
+  readonly queue: Virtqueue;
   readonly options: O;
   /** Features the driver accepted (control path only; read once, not per chain). */
   readonly features: bigint;
@@ -148,14 +151,14 @@ export interface QueueHandler {
    * client that went away. Handle those in the device and keep serving: drop the frame and count it, complete the
    * request with an error status (VIRTIO_BLK_S_IOERR), or leave the chains in the ring until the resource is back.
    */
-  process(queue: SplitQueue): void;
+  process(queue: Virtqueue): void;
   /**
    * Complete every chain in flight before returning (block on your I/O). Called before the memory table changes:
    * chains popped earlier point into mappings that are about to go away.
    */
-  drain?(queue: SplitQueue): void;
+  drain?(queue: Virtqueue): void;
   /** The queue is stopping (GET_VRING_BASE, reset, disconnect), after drain(): release what you hold. */
-  stop?(queue: SplitQueue): void;
+  stop?(queue: Virtqueue): void;
 }
 
 export type QueueHandlerFactory<O = unknown> = (ctx: QueueContext<O>) => QueueHandler;

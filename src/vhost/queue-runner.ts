@@ -4,7 +4,7 @@
  * (every request is acknowledged before the session moves on).
  */
 import { eventfdWrite } from '../sys/index.js';
-import { GuestMemory, SplitQueue, VirtqueueError } from '../virtqueue/index.js';
+import { GuestMemory, PackedQueue, SplitQueue, VirtqueueError, type RingQueue } from '../virtqueue/index.js';
 import type { QueueContext, QueueHandler, QueueHandlerFactory } from './device.js';
 import { guestMemoryOf, type MappedRegion } from './memory-map.js';
 
@@ -15,7 +15,10 @@ export interface QueueStartConfig {
   descAddr: number;
   availAddr: number;
   usedAddr: number;
-  lastAvailIdx: number;
+  /** SET_VRING_BASE: the split ring's next avail index, or the packed ring's 32-bit position word. */
+  base: number;
+  /** VIRTIO_F_RING_PACKED negotiated. */
+  packed: boolean;
   eventIdx: boolean;
   indirect: boolean;
   features: bigint;
@@ -35,7 +38,7 @@ export type RunnerRequest =
   | { op: 'errFd'; index: number; fd: number }
   | { op: 'enable'; index: number; enabled: boolean };
 
-/** 'stop' answers the avail index to resume from; the others answer 0. */
+/** 'stop' answers the vring base to resume from (-1: the queue was not running); the others answer 0. */
 export type RunnerReply = { ok: true; value: number } | { ok: false; error: string };
 
 /** What the hosting thread provides: fd watching in its own event loop. */
@@ -48,7 +51,7 @@ export interface RunnerEnvironment {
 }
 
 interface RunningQueue {
-  queue: SplitQueue;
+  queue: RingQueue;
   handler: QueueHandler;
   callFd: number;
   errFd: number;
@@ -119,14 +122,14 @@ export class QueueRunner {
     try {
       for (;;) {
         q.disableNotification();
-        const before = q.lastAvailIdx;
+        const before = q.popped;
         // Whether the handler was offered chains: taking none of them means it is out of resources, taking none
         // of none means only that the driver had not published yet.
         const offered = q.hasAvailable();
         rq.handler.process(q);
         this.publish(rq);
         if (q.broken) break;
-        const took = q.lastAvailIdx !== before;
+        const took = q.popped !== before;
         // Spin only while idle: with chains in flight (asynchronous I/O) the kernel's workers, often on this very
         // CPU, are what we wait for, and their completion wakes us anyway.
         if (this.pollUs > 0 && took && q.inFlight === 0 && this.pollForWork(q)) continue;
@@ -142,7 +145,7 @@ export class QueueRunner {
   }
 
   /** Spin (notifications still suppressed) until the driver adds chains or pollUs passes. */
-  private pollForWork(q: SplitQueue): boolean {
+  private pollForWork(q: RingQueue): boolean {
     const deadline = performance.now() + this.pollUs / 1000;
     do {
       if (q.hasAvailable()) return true;
@@ -162,7 +165,7 @@ export class QueueRunner {
         // session unmaps next: drop it without touching ring memory again (that would be SIGSEGV).
         this.queues.delete(index);
         this.env.unwatchKick(index);
-        this.droppedAt.set(index, rq.queue.lastAvailIdx);
+        this.droppedAt.set(index, rq.queue.vringBase());
         this.fail(rq, e);
       }
     }
@@ -175,17 +178,10 @@ export class QueueRunner {
   private start(c: QueueStartConfig): void {
     if (this.queues.has(c.index)) this.stop(c.index);
     this.droppedAt.delete(c.index);
-    const queue = new SplitQueue({
-      index: c.index,
-      size: c.size,
-      memory: this.memory,
-      descAddr: c.descAddr,
-      availAddr: c.availAddr,
-      usedAddr: c.usedAddr,
-      eventIdx: c.eventIdx,
-      indirect: c.indirect,
-      lastAvailIdx: c.lastAvailIdx,
-    });
+    const ring = { index: c.index, size: c.size, memory: this.memory, descAddr: c.descAddr, eventIdx: c.eventIdx, indirect: c.indirect };
+    const queue: RingQueue = c.packed
+      ? new PackedQueue({ ...ring, driverAddr: c.availAddr, deviceAddr: c.usedAddr, base: c.base })
+      : new SplitQueue({ ...ring, availAddr: c.availAddr, usedAddr: c.usedAddr, lastAvailIdx: c.base });
     const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled };
     const ctx: QueueContext = {
       queueIndex: c.index,
@@ -227,7 +223,7 @@ export class QueueRunner {
     } catch (e) {
       this.env.log(`queue ${index}: stop failed: ${(e as Error).message}`);
     }
-    return rq.queue.lastAvailIdx;
+    return rq.queue.vringBase();
   }
 
   private running(index: number, f: (rq: RunningQueue) => void): void {

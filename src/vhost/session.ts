@@ -10,7 +10,7 @@
  * - a broken ring marks only its queue broken (error eventfd), the session goes on.
  */
 import { close, eventfdWrite, sendMessage } from '../sys/index.js';
-import { bit, FRAMEWORK_FEATURES, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type QueueHandlerFactory, type VhostUserDevice } from './device.js';
+import { bit, FRAMEWORK_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type QueueHandlerFactory, type VhostUserDevice } from './device.js';
 import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
 import type { Connection, RawMessage } from './connection.js';
 import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } from './memory-map.js';
@@ -89,6 +89,11 @@ export class BackendSession {
       this.log.warn(`CONFIG_CHANGE_MSG not sent: ${(e as Error).message}`);
       return false;
     }
+  }
+
+  /** VIRTIO_F_RING_PACKED negotiated: the queues are packed rings. */
+  private get packed(): boolean {
+    return (this.features & bit(VIRTIO_F_RING_PACKED)) !== 0n;
   }
 
   /** Virtio features offered: the device's plus what the framework implements. */
@@ -207,8 +212,9 @@ export class BackendSession {
       SET_VRING_NUM: (m) => {
         const q = this.queue(m.index);
         const max = Math.min(this.device.maxQueueSize, MAX_QUEUE_SIZE);
-        if (m.num === 0 || m.num > max || (m.num & (m.num - 1)) !== 0) {
-          throw new RequestFailed(`queue ${m.index}: size ${m.num} is not a power of 2 up to ${max}`);
+        // A packed ring may have any size; a split ring's indices wrap at 2^16, so its size must divide that.
+        if (this.packed ? m.num === 0 || m.num > max : m.num === 0 || m.num > max || (m.num & (m.num - 1)) !== 0) {
+          throw new RequestFailed(`queue ${m.index}: size ${m.num} is not ${this.packed ? 'between 1 and' : 'a power of 2 up to'} ${max}`);
         }
         q.size = m.num;
       },
@@ -221,7 +227,8 @@ export class BackendSession {
       },
       SET_VRING_BASE: (m) => {
         const q = this.queue(m.index);
-        if (m.num > 0xffff) throw new RequestFailed(`queue ${m.index}: base ${m.num} does not fit a 16-bit ring index`);
+        // Packed: avail index and wrap counter in bits 0-15, used index and wrap counter in bits 16-31.
+        if (!this.packed && m.num > 0xffff) throw new RequestFailed(`queue ${m.index}: base ${m.num} does not fit a 16-bit ring index`);
         q.base = m.num;
       },
       GET_VRING_BASE: async (m) => {
@@ -389,7 +396,8 @@ export class BackendSession {
       descAddr,
       availAddr,
       usedAddr,
-      lastAvailIdx: q.base,
+      base: q.base,
+      packed: this.packed,
       eventIdx: (this.features & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
       indirect: (this.features & bit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
       features: this.features,

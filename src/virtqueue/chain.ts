@@ -9,8 +9,13 @@
 import type { GuestMemory } from './guest-memory.js';
 
 export class DescriptorChain {
-  /** Head descriptor index: the id returned in the used ring. */
+  /** The id the used ring returns: the head descriptor's index (split ring) or the buffer id (packed ring). */
   head = 0;
+  /**
+   * Descriptors the chain takes in the ring's table (an indirect table counts as one, the one pointing to it).
+   * A packed ring's used index moves on by this much.
+   */
+  descriptorCount = 0;
   /** Number of segments; the first `readableCount` are device-readable, the rest device-writable. */
   count = 0;
   readableCount = 0;
@@ -22,6 +27,8 @@ export class DescriptorChain {
   segBuffer = new Uint32Array(8);
   segOffset = new Uint32Array(8);
   segLength = new Uint32Array(8);
+  /** Guest-physical address per segment (dirty logging, inflight records). */
+  segAddr = new Float64Array(8);
   /** The queue's pool slot; used to catch a chain returned twice. */
   inFlight = false;
 
@@ -62,6 +69,7 @@ export class DescriptorChain {
   reset(memory: GuestMemory, head: number): void {
     if (this.memory !== memory) this.memory = memory; // a compare is cheaper than a store with its write barrier
     this.head = head;
+    this.descriptorCount = 1;
     this.count = 0;
     this.readableCount = 0;
     this.readableBytes = 0;
@@ -72,10 +80,12 @@ export class DescriptorChain {
    * @internal reset() then addSegment() for a chain of one segment, in one go: the queue's fast path for a lone
    * descriptor. Segment arrays never shrink below their initial 8 entries, so slot 0 needs no capacity check.
    */
-  resetOne(memory: GuestMemory, head: number, buffer: number, offset: number, length: number, writable: boolean): void {
+  resetOne(memory: GuestMemory, head: number, gpa: number, buffer: number, offset: number, length: number, writable: boolean): void {
     if (this.memory !== memory) this.memory = memory;
     this.head = head;
+    this.descriptorCount = 1;
     this.count = 1;
+    this.segAddr[0] = gpa;
     this.segBuffer[0] = buffer;
     this.segOffset[0] = offset;
     this.segLength[0] = length;
@@ -91,9 +101,10 @@ export class DescriptorChain {
   }
 
   /** @internal */
-  addSegment(buffer: number, offset: number, length: number, writable: boolean): void {
+  addSegment(gpa: number, buffer: number, offset: number, length: number, writable: boolean): void {
     const n = this.count;
     if (n === this.segBuffer.length) this.grow();
+    this.segAddr[n] = gpa;
     this.segBuffer[n] = buffer;
     this.segOffset[n] = offset;
     this.segLength[n] = length;
@@ -110,12 +121,15 @@ export class DescriptorChain {
     const b = new Uint32Array(cap);
     const o = new Uint32Array(cap);
     const l = new Uint32Array(cap);
+    const a = new Float64Array(cap);
+    a.set(this.segAddr);
     b.set(this.segBuffer);
     o.set(this.segOffset);
     l.set(this.segLength);
     this.segBuffer = b;
     this.segOffset = o;
     this.segLength = l;
+    this.segAddr = a;
   }
 }
 

@@ -13,13 +13,47 @@ const F_WRITE = 2;
 const F_INDIRECT = 4;
 const USED_F_NO_NOTIFY = 1;
 
-export interface SplitRingLayout {
+/** Where a queue's rings are in guest memory, named as SET_VRING_ADDR names them. */
+export interface RingLayout {
   size: number;
+  /** Descriptor table (split) or ring (packed). */
   descAddr: number;
+  /** Avail ring (split) or Driver Area (packed). */
   availAddr: number;
+  /** Used ring (split) or Device Area (packed). */
   usedAddr: number;
   /** First guest address after the rings. */
   end: number;
+}
+
+export type SplitRingLayout = RingLayout;
+
+/** What a driver model offers, whatever its ring layout: TestQueue and the benchmarks drive either through it. */
+export interface QueueDriver {
+  readonly size: number;
+  readonly layout: RingLayout;
+  /** `len` of the used element returned by the last {@link nextUsed}. */
+  readonly lastUsedLen: number;
+  /** Free descriptors. */
+  readonly freeCount: number;
+  /** Chains with the device. */
+  readonly pending: number;
+  /** Add a chain (readable buffers then writable ones), in an indirect table at `indirectAt` if given; its id or -1. */
+  add(readable: readonly GuestBuffer[], writable: readonly GuestBuffer[], indirectAt?: number): number;
+  /** {@link add} from parallel arrays, without allocating. */
+  addChain(addr: ArrayLike<number>, length: ArrayLike<number>, count: number, readableCount: number, indirectAt?: number): number;
+  /** A one-descriptor chain, without allocating. */
+  add1(gpa: number, length: number, writable: boolean): number;
+  /** A chain of descriptors with explicit flags (NEXT is set between them). */
+  addRaw(descs: readonly (readonly [gpa: number, length: number, flags: number])[]): number;
+  /** Make added chains visible; true when the device asked to be kicked. */
+  publish(): boolean;
+  /** The next used id, or -1. */
+  nextUsed(): number;
+  /** The used position as the device last published it (diagnostics). */
+  usedIdx(): number;
+  /** Ask for no interrupts, or for them again. */
+  setNoInterrupt(on: boolean): void;
 }
 
 /** Place the three rings of a `size`-entry queue from `base` (16-byte aligned), each aligned as the spec asks. */
@@ -52,7 +86,7 @@ export class GuestAllocator {
 /** A buffer in guest memory: [guest address, length]. */
 export type GuestBuffer = readonly [gpa: number, length: number];
 
-export class SplitQueueDriver {
+export class SplitQueueDriver implements QueueDriver {
   readonly size: number;
   readonly layout: SplitRingLayout;
   /** Total used elements consumed. */

@@ -12,6 +12,8 @@
 import { DescriptorChain } from './chain.js';
 import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
+import { appendBuffer, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
+import type { RingQueue } from './virtqueue.js';
 
 // The code below uses these module-private names: V8 folds a module's own non-exported consts into compiled
 // code, but reads an exported binding from its cell, with a TDZ check, at every use.
@@ -53,17 +55,20 @@ export interface SplitQueueConfig {
   maxSegments?: number;
 }
 
-export class SplitQueue {
+/** A split ring; devices see it as a {@link Virtqueue}. */
+export class SplitQueue implements RingQueue {
   readonly index: number;
   readonly size: number;
   readonly eventIdx: boolean;
   readonly indirect: boolean;
-  /** Next avail ring slot to read. */
-  lastAvailIdx: number;
-  /** Next used ring slot to write (our shadow of used->idx). */
-  usedIdx: number;
   /** Set when a chain failed validation; the queue must be reset before it serves again. */
   broken: VirtqueueError | null = null;
+  popped = 0;
+
+  /** Next avail ring slot to read. */
+  private lastAvailIdx: number;
+  /** Next used ring slot to write (our shadow of used->idx). */
+  private usedIdx: number;
 
   private memory: GuestMemory;
   private readonly mask: number;
@@ -147,18 +152,19 @@ export class SplitQueue {
     const d32 = this.desc32;
     const len = d32[w + 2];
     const hi = d32[w + 1];
+    const gpa = hi * 4294967296 + d32[w];
     const loc = this.loc;
     if (
       (flags & (F_NEXT | F_INDIRECT)) === 0 &&
       len > 0 &&
       hi <= 0x1fffff &&
-      memory.locate(hi * 4294967296 + d32[w], len, loc) &&
+      memory.locate(gpa, len, loc) &&
       len <= loc.span &&
       this.maxSegments > 0
     ) {
       // A lone direct descriptor whose buffer lies in one window (most requests of most devices) skips walk():
       // it cannot loop, be out of order or name another descriptor, and its buffer has just been checked.
-      chain.resetOne(memory, head, loc.buffer, loc.offset, len, (flags & F_WRITE) !== 0);
+      chain.resetOne(memory, head, gpa, loc.buffer, loc.offset, len, (flags & F_WRITE) !== 0);
     } else {
       this.walk(chain, head, flags);
     }
@@ -166,6 +172,7 @@ export class SplitQueue {
     this.poolTop = top - 1;
     chain.inFlight = true;
     this.inFlightCount++;
+    this.popped++;
     return chain;
   }
 
@@ -217,6 +224,7 @@ export class SplitQueue {
     chain.inFlight = false;
     this.inFlightCount--;
     this.lastAvailIdx = (this.lastAvailIdx - 1) & 0xffff;
+    this.popped--;
     this.pool[this.poolTop++] = chain;
   }
 
@@ -259,6 +267,11 @@ export class SplitQueue {
     this.signalledUsedValid = false;
   }
 
+  /** The next avail index: where a restarted queue resumes (GET_VRING_BASE). */
+  vringBase(): number {
+    return this.lastAvailIdx;
+  }
+
   private fail(code: VirtqueueError['code'], message: string): never {
     this.broken = new VirtqueueError(code, this.index, message);
     throw this.broken;
@@ -290,22 +303,9 @@ export class SplitQueue {
     const gpa = this.address(d32[w], d32[w + 1], head);
     const memory = this.memory;
     const loc = this.loc;
-    if (!memory.locate(gpa, len, loc) || len > loc.span) {
-      this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)}+${len} is not in one mapped range`);
-    }
-    // Floor rather than % 4: the offset is a double (it may pass 2^32 in a large ArrayBuffer) and % on doubles
-    // is a call to fmod.
-    const word = (memory.byteOffsetOf(loc.buffer) + loc.offset) / 4;
-    if (word !== Math.floor(word)) {
-      this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)} is not 4-byte aligned`);
-    }
-    const t32 = memory.words32(loc.buffer);
-    const entries = len >>> 4;
-    if (word + 4 * entries > t32.length || word > 0x7fffffff) {
-      this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)} is beyond our word view of its mapping`);
-    }
-    // word | 0: int32 like the ring table's base 0, so the loop indexes with int32 arithmetic either way.
-    this.walkTable(chain, head, t32, memory.words16(loc.buffer), word | 0, entries, 0, true);
+    const word = tableWord(memory, loc, gpa, len);
+    if (word < 0) this.fail('BAD_INDIRECT', `chain from head ${head}: indirect table at 0x${gpa.toString(16)}+${len} ${tableProblem(word)}`);
+    this.walkTable(chain, head, memory.words32(loc.buffer), memory.words16(loc.buffer), word, len >>> 4, 0, true);
   }
 
   /**
@@ -343,13 +343,17 @@ export class SplitQueue {
       const len = d32[w + 2];
       if (len > 0) {
         const hi = d32[w + 1];
+        const gpa = hi * 4294967296 + d32[w];
         // The buffers of a request are usually in the window of the previous one: an offset, no out-object.
-        const off = hi <= 0x1fffff && chain.count < maxSegments ? memory.offsetInLastWindow(hi * 4294967296 + d32[w], len) : -1;
-        if (off >= 0) chain.addSegment(memory.lastBuffer, off, len, writable);
+        const off = hi <= 0x1fffff && chain.count < maxSegments ? memory.offsetInLastWindow(gpa, len) : -1;
+        if (off >= 0) chain.addSegment(gpa, memory.lastBuffer, off, len, writable);
         // Elsewhere, straddling windows, or bad: addBuffer locates it, splits it, or throws the precise error.
         else this.addBuffer(chain, this.address(d32[w], hi, head), len, writable, head);
       }
-      if ((flags & F_NEXT) === 0) return;
+      if ((flags & F_NEXT) === 0) {
+        if (!indirect) chain.descriptorCount = visited;
+        return;
+      }
       i = d16[2 * w + 7];
       if (i >= tableSize) this.fail('BAD_NEXT', `chain from head ${head}: next index ${i} is outside the ${tableSize}-entry table`);
     }
@@ -368,56 +372,21 @@ export class SplitQueue {
   }
 
   private addBuffer(chain: DescriptorChain, gpa: number, len: number, writable: boolean, head: number): void {
-    const loc = this.loc;
-    if (!this.memory.locate(gpa, len, loc)) {
+    const status = appendBuffer(chain, this.memory, this.loc, gpa, len, writable, this.maxSegments);
+    if (status === OUTSIDE_MEMORY) {
       this.fail('BAD_BUFFER', `chain from head ${head}: buffer 0x${gpa.toString(16)}+${len} is outside guest memory or crosses a region boundary`);
     }
-    // A buffer may straddle mapping windows of one region: one segment per window.
-    let left = len;
-    for (;;) {
-      const n = left < loc.span ? left : loc.span;
-      if (chain.count >= this.maxSegments) {
-        this.fail('CHAIN_TOO_LONG', `chain from head ${head} has more than ${this.maxSegments} segments`);
-      }
-      chain.addSegment(loc.buffer, loc.offset, n, writable);
-      left -= n;
-      if (left === 0) return;
-      loc.buffer++;
-      loc.offset = 0;
-      loc.span = this.memory.buffers[loc.buffer].length;
-    }
+    if (status === TOO_MANY_SEGMENTS) this.fail('CHAIN_TOO_LONG', `chain from head ${head} has more than ${this.maxSegments} segments`);
   }
 
   private mapRings(memory: GuestMemory): void {
     const n = this.size;
-    this.desc32 = this.ringView(memory, this.descAddr, DESC_SIZE * n, 16, 'descriptor table', Uint32Array);
+    const q = this.index;
+    this.desc32 = ringView(memory, q, this.descAddr, DESC_SIZE * n, 16, 'descriptor table', Uint32Array);
     this.desc16 = new Uint16Array(this.desc32.buffer, this.desc32.byteOffset, (DESC_SIZE * n) / 2);
-    this.avail16 = this.ringView(memory, this.availAddr, 6 + 2 * n, 2, 'avail ring', Uint16Array);
+    this.avail16 = ringView(memory, q, this.availAddr, 6 + 2 * n, 2, 'avail ring', Uint16Array);
     const usedBytes = 6 + 8 * n;
-    this.used32 = this.ringView(memory, this.usedAddr, usedBytes - 2, 4, 'used ring', Uint32Array);
+    this.used32 = ringView(memory, q, this.usedAddr, usedBytes - 2, 4, 'used ring', Uint32Array);
     this.used16 = new Uint16Array(this.used32.buffer, this.used32.byteOffset, usedBytes / 2);
-  }
-
-  private ringView<T extends Uint16Array | Uint32Array>(
-    memory: GuestMemory,
-    gpa: number,
-    bytes: number,
-    align: number,
-    what: string,
-    Ctor: { new (buffer: ArrayBufferLike, byteOffset: number, length: number): T; BYTES_PER_ELEMENT: number },
-  ): T {
-    if (gpa % align !== 0) {
-      throw new VirtqueueError('BAD_RING', this.index, `${what} at 0x${gpa.toString(16)} is not ${align}-byte aligned`);
-    }
-    let view: Uint8Array;
-    try {
-      view = memory.slice(gpa, bytes);
-    } catch (e) {
-      throw new VirtqueueError('BAD_RING', this.index, `${what} at 0x${gpa.toString(16)}+${bytes}: ${(e as Error).message}`);
-    }
-    if ((view.byteOffset & (Ctor.BYTES_PER_ELEMENT - 1)) !== 0) {
-      throw new VirtqueueError('BAD_RING', this.index, `${what} at 0x${gpa.toString(16)} is misaligned in our mapping`);
-    }
-    return new Ctor(view.buffer, view.byteOffset, Math.floor(bytes / Ctor.BYTES_PER_ELEMENT));
   }
 }

@@ -200,7 +200,7 @@ describe('VhostUserFrontend against a fake back-end', () => {
     const memory = new TestGuestMemory({ regions: [{ guestPhysAddr: 0, size: 8 * MiB }] });
     memory.write(0x100, new TextEncoder().encode('marker'));
 
-    const [q] = await frontend.start({ queues: [{ index: 0, size: 8 }], memory, features: ~bit(28) });
+    const [q] = await frontend.start({ queues: [{ index: 0, size: 8 }], memory, features: ~bit(28), ring: 'split' });
 
     expect(backend.messages.map((m) => m.type)).toEqual([
       'GET_FEATURES',
@@ -314,7 +314,7 @@ describe('VhostUserFrontend against a fake back-end', () => {
           { guestPhysAddr: 0x1_0000_0000, size: 2 * MiB },
         ],
       });
-      await frontend.start({ queues: [{ index: 0, size: 4 }], memory });
+      await frontend.start({ queues: [{ index: 0, size: 4 }], memory, ring: 'split' });
       expect(backend.of('SET_PROTOCOL_FEATURES')[0].features).toBe(pf(ProtocolFeature.CONFIGURE_MEM_SLOTS));
       expect(frontend.maxMemSlots).toBe(8);
       expect(backend.of('SET_MEM_TABLE')).toHaveLength(0);
@@ -326,7 +326,7 @@ describe('VhostUserFrontend against a fake back-end', () => {
     }
     {
       const { frontend, backend } = pair({ features: OFFER, protocolFeatures: pf(ProtocolFeature.REPLY_ACK) });
-      await frontend.start({ queues: [{ index: 0, size: 4 }], features: ~bit(30) & ~bit(VIRTIO_RING_F_EVENT_IDX) });
+      await frontend.start({ queues: [{ index: 0, size: 4 }], features: ~bit(30) & ~bit(VIRTIO_RING_F_EVENT_IDX), ring: 'split' });
       const types = backend.messages.map((m) => m.type);
       expect(types).not.toContain('GET_PROTOCOL_FEATURES');
       expect(types).not.toContain('SET_VRING_ENABLE'); // legacy: rings run once kicked
@@ -361,7 +361,7 @@ describe('VhostUserFrontend against a fake back-end', () => {
       protocolFeatures: pf(ProtocolFeature.REPLY_ACK),
       behaviour: (m) => (m.type === 'SET_MEM_TABLE' ? { kind: 'ack', status: -22 } : 'default'),
     });
-    const error = await frontend.start({ queues: [{ index: 0, size: 4 }] }).catch((e: FrontendError) => e);
+    const error = await frontend.start({ queues: [{ index: 0, size: 4 }], ring: 'split' }).catch((e: FrontendError) => e);
     expect(error).toBeInstanceOf(FrontendError);
     expect((error as FrontendError).code).toBe('NACK');
     expect((error as FrontendError).status).toBe(-22);

@@ -67,7 +67,8 @@ export async function openQueue(path: string): Promise<OpenQueue> {
     await fe.request({ type: 'GET_PROTOCOL_FEATURES' }, FrontendRequest.GET_PROTOCOL_FEATURES);
     fe.send({ type: 'SET_PROTOCOL_FEATURES', features: 1n << BigInt(ProtocolFeature.REPLY_ACK) });
     fe.send({ type: 'SET_OWNER' });
-    await ack({ type: 'SET_FEATURES', features: offered.features });
+    // All but RING_PACKED: this driver is a split one.
+    await ack({ type: 'SET_FEATURES', features: offered.features & ~(1n << 34n) });
     await ack({ type: 'SET_MEM_TABLE', regions: [{ guestPhysAddr: 0, size: MEM_SIZE, userAddr: addr, mmapOffset: 0, fd: memfd }] });
     const layout = splitRingLayout(256, 0);
     const driver = new SplitQueueDriver(mem, layout, true);

@@ -41,7 +41,7 @@ describe('negotiation and simple requests', () => {
     const fe = RawFrontend.connect(path);
     try {
       const f = await fe.request({ type: 'GET_FEATURES' }, FrontendRequest.GET_FEATURES);
-      expect(f.kind === 'features' && f.features).toBe((1n << 32n) | (1n << 30n) | (1n << 29n) | (1n << 28n) | (1n << 27n));
+      expect(f.kind === 'features' && f.features).toBe((1n << 34n) | (1n << 32n) | (1n << 30n) | (1n << 29n) | (1n << 28n) | (1n << 27n));
       const p = await fe.request({ type: 'GET_PROTOCOL_FEATURES' }, FrontendRequest.GET_PROTOCOL_FEATURES);
       const offered = p.kind === 'features' ? p.features : 0n;
       for (const bit of [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.BACKEND_REQ, ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS]) {

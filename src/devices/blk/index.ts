@@ -11,7 +11,7 @@
  * ```
  */
 import { bit, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
-import type { DescriptorChain, SplitQueue } from '../../virtqueue/index.js';
+import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import { DiskFile, probeDisk } from './disk.js';
 import { NullEngine, SyncEngine, type BlockEngine } from './engine.js';
 import { createUringEngine } from './engine-uring.js';
@@ -181,7 +181,7 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
   const writeback = new Int32Array(o.writeback);
   const stats = new Float64Array(o.stats, 8 * STATS * ctx.queueIndex, STATS);
   const free: BlkRequest[] = [];
-  let queue: SplitQueue | null = null;
+  let queue: Virtqueue | null = null;
   let waitingForRoom = false;
 
   const complete = (req: BlkRequest) => {

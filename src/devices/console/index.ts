@@ -24,7 +24,7 @@
  */
 import type { FrontendLink, QueueContext, QueueHandler, VhostUserDevice } from '../../vhost/device.js';
 import { bit } from '../../vhost/device.js';
-import type { DescriptorChain, SplitQueue } from '../../virtqueue/index.js';
+import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import type { WindowSize } from '../../sys/index.js';
 import { describeHostEnd, openHostEnd, type HostEnd, type HostEndSpec } from './host-ends.js';
 import {
@@ -199,7 +199,7 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
   const takesOutput = (port: Port): boolean =>
     port.end.connected ? !port.backedUp : port.isConsole || port.backlogBytes < BACKLOG_BYTES;
 
-  const serveTx = (port: Port, queue: SplitQueue): void => {
+  const serveTx = (port: Port, queue: Virtqueue): void => {
     while (takesOutput(port)) {
       const chain = queue.pop();
       if (chain === null) return;

@@ -4,7 +4,7 @@
  * the first header). Frames are copied at most once: straight from their source (another guest's transmit chain,
  * a tap read, a generator) into the receive chains.
  */
-import type { DescriptorChain, SplitQueue } from '../../virtqueue/index.js';
+import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import { ETH_HEADER, MAX_FRAME, NET_HDR_NUM_BUFFERS, NET_HDR_SIZE, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE } from './spec.js';
 
 /** Where a frame's bytes come from: a chain's readable part (after its header) or a plain byte array. */
@@ -118,7 +118,7 @@ export class RxQueue {
   private readonly used: number[] = [];
 
   constructor(
-    readonly queue: SplitQueue,
+    readonly queue: Virtqueue,
     /** MRG_RXBUF negotiated: a frame may span receive chains. */
     private readonly mergeable: boolean,
     /** GUEST_CSUM negotiated: partial checksums may be left for the guest. */

@@ -15,7 +15,7 @@
  */
 import { ProtocolFeature } from '../../vhost/protocol.js';
 import { bit, type FrontendLink, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
-import type { SplitQueue } from '../../virtqueue/index.js';
+import type { Virtqueue } from '../../virtqueue/index.js';
 import { handleControl } from './control.js';
 import { ChainFrame, RxQueue } from './datapath.js';
 import { openPort, rarpFrame, type PortBackend, type PortHooks } from './ports.js';
@@ -261,7 +261,7 @@ export function createQueueHandler(ctx: QueueContext<NetQueueOptions>): QueueHan
   const frame = new ChainFrame();
   const stats = pair.stats;
   return {
-    process(queue: SplitQueue) {
+    process(queue: Virtqueue) {
       announce();
       for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
         if (!frame.reset(chain)) {
