@@ -55,7 +55,7 @@ export interface PackedQueueConfig {
   indirect: boolean;
   /**
    * Where to resume (SET_VRING_BASE): avail index in bits 0–14, driver wrap counter in bit 15, used index in
-   * bits 16–30, device wrap counter in bit 31.
+   * bits 16–30, device wrap counter in bit 31. Bits 16–31 all zero: used = avail.
    */
   base: number;
   /** Most segments a chain may have (default: queue size + the largest indirect table). */
@@ -124,8 +124,12 @@ export class PackedQueue implements RingQueue {
     const base = cfg.base >>> 0;
     this.lastAvail = base & 0x7fff;
     this.availWrap = (base >>> 15) & 1;
-    this.usedIdx = (base >>> 16) & 0x7fff;
-    this.usedWrap = base >>> 31;
+    // Frontends modelled on DPDK's vhost library (which sets used = avail on SET_VRING_BASE) send the avail half
+    // only: DPDK virtio-user sends 0x8000 for a new ring. An empty used half is taken the same way; the one full
+    // state it misreads (used index 0 in an odd lap with chains in flight) loses nothing inflight tracking keeps.
+    const usedHalf = base >>> 16 === 0 ? base & 0xffff : base >>> 16;
+    this.usedIdx = usedHalf & 0x7fff;
+    this.usedWrap = usedHalf >>> 15;
     if (this.lastAvail >= cfg.size || this.usedIdx >= cfg.size) {
       throw new VirtqueueError(
         'BAD_RING',

@@ -22,13 +22,18 @@ interface TestpmdRun {
  * testpmd in interactive mode on a virtio-user port: `before` goes in on stdin at once (testpmd reads it line by
  * line), then once `done(output)` holds (checked as output arrives and every 100 ms, bounded) `stop` and `quit`.
  */
-function testpmd(socket: string, prefix: string, before: string[], done: (out: string) => boolean, timeoutMs = 60_000): Promise<TestpmdRun> {
+type Ring = 'split' | 'packed';
+
+/** testpmd's EAL and application arguments for one virtio-user port on `socket` (packed_vq=1 for packed rings). */
+function testpmdArgs(socket: string, prefix: string, ring: Ring): string[] {
+  const vdev = `net_virtio_user0,path=${socket},queues=1${ring === 'packed' ? ',packed_vq=1' : ''}`;
+  // init:debug makes the PMD say which ring layout it drives ("using packed ring ... path").
+  return ['--no-pci', '--no-huge', '-m', '512', `--file-prefix=${prefix}`, '--log-level=pmd.net.virtio.init:debug', '--vdev', vdev, '--', '-i', '--total-num-mbufs=8192', '--no-mlockall'];
+}
+
+function testpmd(socket: string, prefix: string, ring: Ring, before: string[], done: (out: string) => boolean, timeoutMs = 60_000): Promise<TestpmdRun> {
   return new Promise((resolve, reject) => {
-    const child = spawn(
-      TESTPMD,
-      ['--no-pci', '--no-huge', '-m', '512', `--file-prefix=${prefix}`, '--vdev', `net_virtio_user0,path=${socket},queues=1`, '--', '-i', '--total-num-mbufs=8192', '--no-mlockall'],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
-    );
+    const child = spawn(TESTPMD, testpmdArgs(socket, prefix, ring), { stdio: ['pipe', 'pipe', 'pipe'] });
     let output = '';
     let beforeStop = '';
     let stopping = false;
@@ -63,12 +68,8 @@ function testpmd(socket: string, prefix: string, before: string[], done: (out: s
  * testpmd in interactive mode, driven a command at a time: `send` writes a line; `close` quits it (SIGKILL after
  * a bound) and resolves with its output.
  */
-function interactiveTestpmd(socket: string, prefix: string) {
-  const child = spawn(
-    TESTPMD,
-    ['--no-pci', '--no-huge', '-m', '512', `--file-prefix=${prefix}`, '--vdev', `net_virtio_user0,path=${socket},queues=1`, '--', '-i', '--total-num-mbufs=8192', '--no-mlockall'],
-    { stdio: ['pipe', 'pipe', 'pipe'] },
-  );
+function interactiveTestpmd(socket: string, prefix: string, ring: Ring) {
+  const child = spawn(TESTPMD, testpmdArgs(socket, prefix, ring), { stdio: ['pipe', 'pipe', 'pipe'] });
   let output = '';
   child.stdout.on('data', (d) => (output += d));
   child.stderr.on('data', (d) => (output += d));
@@ -117,59 +118,64 @@ describe.skipIf(!existsSync(TESTPMD))('net device with DPDK virtio-user (dpdk-te
     }
   }
 
-  it('txonly: every frame testpmd sends reaches the sink, identical to the first', async () => {
-    const dev = netDevice({ backend: { kind: 'sink', verify: true } });
-    await withDevice(dev, async (socket) => {
-      const run = await testpmd(socket, `vts-tx-${process.pid}`, ['set fwd txonly', 'set txpkts 64', 'start'], () => dev.stats().txFrames > 100_000);
-      expect(run.output).toMatch(/TX-packets: *[1-9]/);
-      const s = dev.stats();
-      expect(s.txFrames).toBeGreaterThan(100_000);
-      expect(s.txBytes).toBe(s.txFrames * 64);
-      expect(s.txDropped).toBe(0);
-      expect(s.sinkMismatches).toBe(0);
-    });
-  }, 90_000);
-
-  it('rxonly: frames from the source arrive whole, as Ethernet/IPv4/UDP of the configured size', async () => {
-    const dev = netDevice({ backend: { kind: 'source', frameSize: 128 } });
-    await withDevice(dev, async (socket) => {
-      const run = await testpmd(
-        socket,
-        `vts-rx-${process.pid}`,
-        ['set fwd rxonly', 'set verbose 1', 'start'],
-        (out) => (out.match(/length=\d+ - nb_segs/g)?.length ?? 0) >= 20,
-      );
-      // Whole packet lines only (stop may cut the last one off).
-      const packets = run.beforeStop.split('\n').filter((l) => /^\s*src=.*Receive queue/.test(l));
-      expect(packets.length, run.output.slice(-3000)).toBeGreaterThanOrEqual(20);
-      for (const p of packets) {
-        expect(p).toMatch(/src=52:54:00:AA:BB:CC - dst=FF:FF:FF:FF:FF:FF - .*type=0x0800 - length=128 - nb_segs=1 - sw ptype: L2_ETHER L3_IPV4 L4_UDP/i);
-      }
-      expect(dev.stats().rxFrames).toBeGreaterThanOrEqual(20);
-    });
-  }, 90_000);
-
-  // testpmd's virtio PMD negotiates no EVENT_IDX: it kicks only while VRING_USED_F_NO_NOTIFY is clear, and a ring
-  // it filled while the flag was set is never kicked again. Each start is a burst into an idle queue.
-  for (const dir of ['tx', 'rx'] as const) {
-    it(`${dir === 'tx' ? 'txonly into the sink' : 'rxonly from the source'}: 30 start/stop bursts, none stalls`, async () => {
-      const dev = netDevice({ backend: dir === 'tx' ? { kind: 'sink' } : { kind: 'source', frameSize: 64 } });
+  for (const ring of ['split', 'packed'] as const) {
+    it(`${ring} ring: txonly: every frame testpmd sends reaches the sink, identical to the first`, async () => {
+      const dev = netDevice({ backend: { kind: 'sink', verify: true } });
       await withDevice(dev, async (socket) => {
-        const pmd = interactiveTestpmd(socket, `vts-burst-${dir}-${process.pid}`);
-        const count = () => (dir === 'tx' ? dev.stats().txFrames : dev.stats().rxFrames);
-        try {
-          await until(() => /testpmd> /.test(pmd.output), 30_000, () => `testpmd did not come up:\n${pmd.output.slice(-3000)}`);
-          pmd.send(`set fwd ${dir === 'tx' ? 'txonly' : 'rxonly'}`);
-          for (let burst = 0; burst < 30; burst++) {
-            const from = count();
-            pmd.send('start');
-            await until(() => count() - from >= 20_000, 15_000, () => `burst ${burst}: the queue stalled at ${count() - from} frames`);
-            pmd.send('stop');
-          }
-        } finally {
-          await pmd.close();
-        }
+        const run = await testpmd(socket, `vts-tx-${ring}-${process.pid}`, ring, ['set fwd txonly', 'set txpkts 64', 'start'], () => dev.stats().txFrames > 100_000);
+        expect(run.output).toMatch(/TX-packets: *[1-9]/);
+        expect(run.output).toMatch(ring === 'packed' ? /using packed ring/ : /using (?!packed)/);
+        const s = dev.stats();
+        expect(s.txFrames).toBeGreaterThan(100_000);
+        expect(s.txBytes).toBe(s.txFrames * 64);
+        expect(s.txDropped).toBe(0);
+        expect(s.sinkMismatches).toBe(0);
       });
-    }, 120_000);
+    }, 90_000);
+
+    it(`${ring} ring: rxonly: frames from the source arrive whole, as Ethernet/IPv4/UDP of the configured size`, async () => {
+      const dev = netDevice({ backend: { kind: 'source', frameSize: 128 } });
+      await withDevice(dev, async (socket) => {
+        const run = await testpmd(
+          socket,
+          `vts-rx-${ring}-${process.pid}`,
+          ring,
+          ['set fwd rxonly', 'set verbose 1', 'start'],
+          (out) => (out.match(/length=\d+ - nb_segs/g)?.length ?? 0) >= 20,
+        );
+        // Whole packet lines only (stop may cut the last one off).
+        const packets = run.beforeStop.split('\n').filter((l) => /^\s*src=.*Receive queue/.test(l));
+        expect(packets.length, run.output.slice(-3000)).toBeGreaterThanOrEqual(20);
+        for (const p of packets) {
+          expect(p).toMatch(/src=52:54:00:AA:BB:CC - dst=FF:FF:FF:FF:FF:FF - .*type=0x0800 - length=128 - nb_segs=1 - sw ptype: L2_ETHER L3_IPV4 L4_UDP/i);
+        }
+        expect(dev.stats().rxFrames).toBeGreaterThanOrEqual(20);
+        expect(run.output).toMatch(ring === 'packed' ? /using packed ring/ : /using (?!packed)/);
+      });
+    }, 90_000);
+
+    // testpmd's virtio PMD negotiates no EVENT_IDX: it kicks only while VRING_USED_F_NO_NOTIFY is clear, and a ring
+    // it filled while the flag was set is never kicked again. Each start is a burst into an idle queue.
+    for (const dir of ['tx', 'rx'] as const) {
+      it(`${ring} ring: ${dir === 'tx' ? 'txonly into the sink' : 'rxonly from the source'}: 30 start/stop bursts, none stalls`, async () => {
+        const dev = netDevice({ backend: dir === 'tx' ? { kind: 'sink' } : { kind: 'source', frameSize: 64 } });
+        await withDevice(dev, async (socket) => {
+          const pmd = interactiveTestpmd(socket, `vts-burst-${dir}-${ring}-${process.pid}`, ring);
+          const count = () => (dir === 'tx' ? dev.stats().txFrames : dev.stats().rxFrames);
+          try {
+            await until(() => /testpmd> /.test(pmd.output), 30_000, () => `testpmd did not come up:\n${pmd.output.slice(-3000)}`);
+            pmd.send(`set fwd ${dir === 'tx' ? 'txonly' : 'rxonly'}`);
+            for (let burst = 0; burst < 30; burst++) {
+              const from = count();
+              pmd.send('start');
+              await until(() => count() - from >= 20_000, 15_000, () => `burst ${burst}: the queue stalled at ${count() - from} frames`);
+              pmd.send('stop');
+            }
+          } finally {
+            await pmd.close();
+          }
+        });
+      }, 120_000);
+    }
   }
 });
