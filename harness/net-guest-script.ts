@@ -14,6 +14,8 @@ ip link set eth0 up
 ip addr add ${me}/24 dev eth0
 # Bounded waits, not fixed delays: under load the link and the peer take their time.
 n=0; until [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" = 1 ]; do n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.1; done
+# One character per negotiated feature bit: bit 34 is VIRTIO_F_RING_PACKED.
+echo "RESULT packed $(cut -c35 /sys/class/net/eth0/device/features)"
 echo "RESULT offload $(ethtool -k eth0 | grep -E '^(tcp-segmentation-offload|tx-checksumming|rx-checksumming):' | tr '\\n' ' ')"
 n=0; until ping -c 1 -W 1 ${peer} > /dev/null 2>&1; do n=$((n+1)); [ $n -gt 90 ] && break; done
 echo "RESULT ping $(ping -c 3 -W 2 ${peer} | grep 'packets transmitted')"

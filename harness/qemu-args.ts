@@ -3,12 +3,16 @@
 // default devices that would need firmware ROMs or slow the boot.
 import { FW_CFG_SCRIPT } from './guest-init.js';
 
+/**
+ * `packed`: let the driver use packed virtqueues (`packed=on`; QEMU's default is split). QEMU's generic
+ * vhost-user devices (rng, the test device the console uses) pass the backend's offer through whatever it says.
+ */
 export type VhostUserDevice =
-  | { kind: 'rng'; socket: string; reconnectMs?: number }
-  | { kind: 'blk'; socket: string; numQueues?: number; reconnectMs?: number }
-  | { kind: 'net'; socket: string; mac?: string; queues?: number; reconnectMs?: number }
+  | { kind: 'rng'; socket: string; reconnectMs?: number; packed?: boolean }
+  | { kind: 'blk'; socket: string; numQueues?: number; reconnectMs?: number; packed?: boolean }
+  | { kind: 'net'; socket: string; mac?: string; queues?: number; reconnectMs?: number; packed?: boolean }
   /** virtio-console through the generic vhost-user device: 2 queues for one port, more with multiport. */
-  | { kind: 'console'; socket: string; numQueues?: number; reconnectMs?: number };
+  | { kind: 'console'; socket: string; numQueues?: number; reconnectMs?: number; packed?: boolean };
 
 export interface MachineSpec {
   kernel: string;
@@ -46,12 +50,13 @@ export function deviceArgs(devices: VhostUserDevice[]): string[] {
   devices.forEach((d, i) => {
     const id = `vhu${i}`;
     args.push(...chardev(id, d.socket, d.reconnectMs));
+    const packed = d.packed ? ',packed=on' : '';
     switch (d.kind) {
       case 'rng':
-        args.push('-device', `vhost-user-rng-pci,chardev=${id}`);
+        args.push('-device', `vhost-user-rng-pci,chardev=${id}${packed}`);
         break;
       case 'blk':
-        args.push('-device', `vhost-user-blk-pci,chardev=${id}${d.numQueues ? `,num-queues=${d.numQueues}` : ''}`);
+        args.push('-device', `vhost-user-blk-pci,chardev=${id}${d.numQueues ? `,num-queues=${d.numQueues}` : ''}${packed}`);
         break;
       case 'net': {
         const netdev = `net${netIndex}`;
@@ -63,13 +68,13 @@ export function deviceArgs(devices: VhostUserDevice[]): string[] {
         // A multiqueue virtio-net needs an MSI-X vector per queue, plus config and control.
         args.push(
           '-device',
-          `virtio-net-pci,netdev=${netdev},mac=${mac},romfile=${queues ? `,mq=on,vectors=${2 * queues + 2}` : ''}`,
+          `virtio-net-pci,netdev=${netdev},mac=${mac},romfile=${queues ? `,mq=on,vectors=${2 * queues + 2}` : ''}${packed}`,
         );
         break;
       }
       case 'console':
         // virtio-id 3 is the console; its config space (cols, rows, max_nr_ports, emerg_wr) is 12 bytes.
-        args.push('-device', `vhost-user-test-device-pci,chardev=${id},virtio-id=3,num_vqs=${d.numQueues ?? 2},config_size=12`);
+        args.push('-device', `vhost-user-test-device-pci,chardev=${id},virtio-id=3,num_vqs=${d.numQueues ?? 2},config_size=12${packed}`);
         break;
     }
   });

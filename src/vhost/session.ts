@@ -227,8 +227,8 @@ export class BackendSession {
       },
       SET_VRING_BASE: (m) => {
         const q = this.queue(m.index);
-        // Packed: avail index and wrap counter in bits 0-15, used index and wrap counter in bits 16-31.
-        if (!this.packed && m.num > 0xffff) throw new RequestFailed(`queue ${m.index}: base ${m.num} does not fit a 16-bit ring index`);
+        // Checked when the queue starts, against the ring layout negotiated by then (packed: avail index and wrap
+        // counter in bits 0-15, used index and wrap counter in bits 16-31).
         q.base = m.num;
       },
       GET_VRING_BASE: async (m) => {
@@ -390,6 +390,7 @@ export class BackendSession {
     if (descAddr < 0 || availAddr < 0 || usedAddr < 0) {
       throw new RequestFailed(`queue ${index}: ring addresses are not in guest memory`);
     }
+    if (!this.packed && q.base > 0xffff) throw new RequestFailed(`queue ${index}: base ${q.base} does not fit a split ring's 16-bit index`);
     const config: QueueStartConfig = {
       index,
       size: q.size,

@@ -28,11 +28,12 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', ()
   }, 15 * 60_000);
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('two guests on the built-in switch: ping both ways, ARP resolves, iperf3 10 s each direction', async () => {
+  for (const ring of ['split', 'packed'] as const)
+  it(`${ring} rings: two guests on the built-in switch: ping both ways, ARP resolves, iperf3 10 s each direction`, async () => {
     const macs = ['52:54:00:00:aa:01', '52:54:00:00:aa:02'];
     const ips = ['10.214.0.1', '10.214.0.2'];
-    const devs = macs.map((m) => netDevice({ backend: { kind: 'switch', name: 'guest-sw' }, mac: parseMac(m) }));
-    const sockets = macs.map((_, i) => join(dir, `sw${i}.sock`));
+    const devs = macs.map((m) => netDevice({ backend: { kind: 'switch', name: `guest-sw-${ring}` }, mac: parseMac(m) }));
+    const sockets = macs.map((_, i) => join(dir, `sw${i}-${ring}.sock`));
     const servers = await Promise.all(devs.map((d, i) => VhostUserServer.start(d, { socketPath: sockets[i], log })));
     try {
       const [a, b] = await Promise.all(
@@ -42,7 +43,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', ()
             timeoutMs: 240_000,
             memoryMiB: 384,
             cpus: 1,
-            devices: [{ kind: 'net', socket: sockets[i], mac: macs[i] }],
+            devices: [{ kind: 'net', socket: sockets[i], mac: macs[i], packed: ring === 'packed' }],
             script: netGuestScript(ips[i], ips[1 - i], i === 0 ? 'server' : 'client'),
           }),
         ),
@@ -51,12 +52,13 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net device in guests', ()
         expect(run.exitCode).toBe(0);
         expect(run.results.find((r) => r.startsWith('ping '))).toMatch(/3 packets transmitted, 3 (packets )?received/);
         expect(run.results).toContain('arp 1');
+        expect(run.results).toContain(`packed ${ring === 'packed' ? 1 : 0}`);
       }
       const up = iperfMbits(b.results, 'up');
       const down = iperfMbits(b.results, 'down');
       expect(up).toBeGreaterThan(1);
       expect(down).toBeGreaterThan(1);
-      console.log(`switch, two guests under ${a.accel}: iperf3 B->A ${up} Mbit/s, A->B ${down} Mbit/s; offloads: ${a.results.find((r) => r.startsWith('offload'))}`);
+      console.log(`switch, two guests (${ring} rings) under ${a.accel}: iperf3 B->A ${up} Mbit/s, A->B ${down} Mbit/s; offloads: ${a.results.find((r) => r.startsWith('offload'))}`);
       expect(devs[0].stats().txFrames).toBeGreaterThan(1000);
     } finally {
       for (const s of servers) await s.close();
