@@ -10,13 +10,16 @@ export const backendOptions = {
   fd: { type: 'string' },
   connect: { type: 'string' },
   'print-capabilities': { type: 'boolean' },
+  'no-packed': { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 } as const satisfies NonNullable<ParseArgsConfig['options']>;
 
 export const backendUsage = `  --socket-path PATH      listen for the frontend on this Unix socket
   --fd N                  serve on an inherited socket fd (listening or connected)
   --connect PATH          connect to a frontend listening on PATH (retried until it answers)
-  --print-capabilities    print the backend's capabilities as JSON and exit`;
+  --print-capabilities    print the backend's capabilities as JSON and exit
+  --no-packed             offer split virtqueues only (packed rings are offered by default; the frontend decides:
+                          QEMU's packed=on, which its generic vhost-user devices do not consult)`;
 
 export class UsageError extends Error {
   override readonly name = 'UsageError';
@@ -26,7 +29,12 @@ export class UsageError extends Error {
  * Where to serve, from the parsed options: exactly one of the three, one endpoint per device. Only devices that
  * serve several ports from one process (net on a switch) take --socket-path more than once.
  */
-export function serveOptionsOf(values: { 'socket-path'?: string[]; fd?: string; connect?: string }, count = 1): ServeOptions[] {
+export function serveOptionsOf(values: { 'socket-path'?: string[]; fd?: string; connect?: string; 'no-packed'?: boolean }, count = 1): ServeOptions[] {
+  const packedRings = values['no-packed'] !== true;
+  return endpointsOf(values, count).map((where) => ({ ...where, packedRings }));
+}
+
+function endpointsOf(values: { 'socket-path'?: string[]; fd?: string; connect?: string }, count: number): ServeOptions[] {
   const given = [values['socket-path'], values.fd, values.connect].filter((v) => v !== undefined);
   if (given.length !== 1) throw new UsageError('give exactly one of --socket-path, --fd or --connect');
   const paths = values['socket-path'];

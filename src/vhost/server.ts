@@ -27,6 +27,12 @@ export interface ServeOptions {
   connectPath?: string;
   /** Client mode: delay between connection attempts, in ms (default 500). */
   retryMs?: number;
+  /**
+   * Offer packed virtqueues (VIRTIO_F_RING_PACKED; default true): the frontend decides. false offers split rings
+   * only, for a frontend that takes every feature offered (QEMU's generic vhost-user devices: rng, the test
+   * device) when split rings are wanted.
+   */
+  packedRings?: boolean;
   log?: Logger;
 }
 
@@ -141,7 +147,7 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
       onMessage: (msg): Promise<void> => session.handle(msg),
       onClose: (error) => void this.endSession(error),
     });
-    const session: BackendSession = new BackendSession(this.device, conn, this.log);
+    const session: BackendSession = new BackendSession(this.device, conn, this.log, { packedRings: this.opts.packedRings ?? true });
     this.connection = conn;
     this.session = session;
     let release!: () => void;

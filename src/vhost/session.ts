@@ -72,6 +72,7 @@ export class BackendSession {
     private readonly device: VhostUserDevice,
     private readonly conn: Connection,
     private readonly log: Logger,
+    private readonly options: { packedRings: boolean } = { packedRings: true },
   ) {
     this.queues = Array.from({ length: device.numQueues }, freshQueue);
     this.groupOf = groupsOf(device);
@@ -98,7 +99,8 @@ export class BackendSession {
 
   /** Virtio features offered: the device's plus what the framework implements. */
   get offeredFeatures(): bigint {
-    return this.device.features | FRAMEWORK_FEATURES;
+    const offered = this.device.features | FRAMEWORK_FEATURES;
+    return this.options.packedRings ? offered : offered & ~bit(VIRTIO_F_RING_PACKED);
   }
 
   get offeredProtocolFeatures(): bigint {

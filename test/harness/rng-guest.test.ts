@@ -3,6 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { featureBitScript, RING_PACKED_BIT } from '../../harness/guest-features.js';
 import { ensureSetup, type HarnessSetup } from '../../harness/setup.js';
 import { liveQemuPids, runGuest } from '../../harness/vm.js';
 import { rngDevice } from '../../src/devices/rng/index.js';
@@ -21,12 +22,16 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('rng device in a guest', (
 
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('serves /dev/hwrng: the guest reads 1 MiB of random bytes from vhost-user-rng-pci', async () => {
+  // QEMU's vhost-user-rng passes our features through (packed= is not consulted): the guest runs packed rings
+  // when we offer them (the default), split ones when the server offers split only.
+  for (const packedRings of [true, false])
+  it(`serves /dev/hwrng (${packedRings ? 'packed' : 'split'} ring): the guest reads 1 MiB of random bytes from vhost-user-rng-pci`, async () => {
     const rng = rngDevice();
     const errors: string[] = [];
-    const socket = join(dir, 'rng.sock');
+    const socket = join(dir, `rng-${packedRings}.sock`);
     const server = await VhostUserServer.start(rng, {
       socketPath: socket,
+      packedRings,
       log: { info() {}, warn: (m) => errors.push(m), error: (m) => errors.push(m) },
     });
     try {
@@ -35,6 +40,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('rng device in a guest', (
         timeoutMs: 120_000,
         devices: [{ kind: 'rng', socket }],
         script: [
+          featureBitScript(4, RING_PACKED_BIT, 'packed'),
           'echo "RESULT rng_current $(cat /sys/class/misc/hw_random/rng_current)"',
           `head -c ${MIB} /dev/hwrng > /tmp/random`,
           'echo "RESULT bytes $(wc -c < /tmp/random)"',
@@ -43,6 +49,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('rng device in a guest', (
         ].join('\n'),
       });
       expect(run.exitCode).toBe(0);
+      expect(run.results).toContain(`packed ${packedRings ? 1 : 0}`);
       expect(run.results).toContain('rng_current virtio_rng.0');
       expect(run.results).toContain(`bytes ${MIB}`);
       const distinct = Number(run.results.find((r) => r.startsWith('distinct '))!.split(' ')[1]);
