@@ -1,11 +1,13 @@
-/** Benchmark worker: the guest driver on its own thread, busy-polling one split ring in shared memory. */
+/** Benchmark worker: the guest driver on its own thread, busy-polling one split or packed ring in shared memory. */
 import { parentPort, workerData } from 'node:worker_threads';
+import { makePackedDriver } from './virtqueue-packed-setup.js';
 import { makeDriver } from './virtqueue-setup.js';
 
-const { shared, control } = workerData as { shared: SharedArrayBuffer; control: SharedArrayBuffer };
+const { shared, control, ring } = workerData as { shared: SharedArrayBuffer; control: SharedArrayBuffer; ring: 'split' | 'packed' };
 const bytes = new Uint8Array(shared);
 const flag = new Int32Array(control); // [0] = 1 while running
-const { driver, alloc } = makeDriver(bytes, false);
+// One layout per worker, so the loop below only ever sees one driver class.
+const { driver, alloc } = ring === 'packed' ? makePackedDriver(bytes, false) : makeDriver(bytes, false);
 const buf = alloc.alloc(64);
 let completed = 0;
 parentPort!.postMessage('ready');
