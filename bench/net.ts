@@ -49,6 +49,7 @@ const usage = `usage: npm run bench:net [-- options]
   --warmup S           seconds of traffic before the window starts (default 2)
   --frame-sizes LIST   comma-separated frame sizes in bytes (default 64,1518)
   --cases LIST         transmit,receive (default both)
+  --packed             packed virtqueues (virtio-user packed_vq=1) on both backends; default split
   --retries N          repeat a run (at most N times, default 3; 0 with --quick) when other processes used more
                        than --max-others of a CPU during its window, after waiting up to 60 s for the host to quiet
   --max-others F       CPU share (of one CPU) other processes may use during a window (default 0.1)
@@ -68,6 +69,7 @@ const { values: opts } = parseArgs({
     warmup: { type: 'string' },
     'frame-sizes': { type: 'string' },
     cases: { type: 'string' },
+    packed: { type: 'boolean' },
     'dpdk-only': { type: 'boolean' },
     retries: { type: 'string' },
     'max-others': { type: 'string' },
@@ -97,6 +99,7 @@ function wholeNumber(text: string | undefined, flag: string, fallback: number, m
 }
 
 const json = opts.json === true;
+const packed = opts.packed === true;
 const quick = opts.quick === true;
 const reps = wholeNumber(opts.reps, '--reps', quick ? 1 : 3, 1);
 const windowSeconds = wholeNumber(opts.seconds, '--seconds', quick ? 2 : 5, 1);
@@ -310,7 +313,8 @@ function testpmd(cpu: number, prefix: string, vdev: string, forward: string[]): 
 
 function frontendCommand(c: Case, socket: string, prefix: string): Command {
   const forward = c.direction === 'transmit' ? ['--forward-mode=txonly', `--txpkts=${c.frameSize}`] : ['--forward-mode=rxonly'];
-  return pinned(testpmd(pinning?.client ?? 0, prefix, `net_virtio_user0,path=${socket}`, forward), pinning?.client);
+  const vdev = `net_virtio_user0,path=${socket}${packed ? ',packed_vq=1' : ''}`;
+  return pinned(testpmd(pinning?.client ?? 0, prefix, vdev, forward), pinning?.client);
 }
 
 function dpdkBackendCommand(c: Case, socket: string, prefix: string): Command {
@@ -593,7 +597,7 @@ async function main(): Promise<void> {
   if (tempDir.includes(',')) throw new Error(`temporary directory ${tempDir} has a comma, which DPDK's devargs cannot take`);
 
   const cases: Case[] = directions.flatMap((direction) =>
-    frameSizes.map((frameSize) => ({ direction, frameSize, name: `${direction} ${frameSize} B` })),
+    frameSizes.map((frameSize) => ({ direction, frameSize, name: `${direction} ${frameSize} B${packed ? ', packed ring' : ''}` })),
   );
   const measured: Measured[] = [];
   for (const c of cases) measured.push(await measure(c, measured.length));
