@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { netDevice, type NetDevice } from '../../src/devices/net/index.js';
+import { parseMac } from '../../src/devices/net/spec.js';
 import { VhostUserServer, type Logger } from '../../src/vhost/index.js';
 
 const TESTPMD = '/usr/bin/dpdk-testpmd';
@@ -177,5 +178,38 @@ describe.skipIf(!existsSync(TESTPMD))('net device with DPDK virtio-user (dpdk-te
         });
       }, 120_000);
     }
+
+    // Guest to guest is what the switch is for: one testpmd forwarding between two virtio-user ports on two
+    // ports of one switch (io mode, a first burst on each), so every frame goes round and round.
+    it(`${ring} ring: a two-port io-forward loop through the switch circulates`, async () => {
+      const devs = [1, 2].map((i) => netDevice({ backend: { kind: 'switch', name: `loop-${ring}` }, mac: parseMac(`52:54:00:00:cc:0${i}`) }));
+      const sockets = devs.map((_, i) => join(dir, `loop-${ring}-${i}.sock`));
+      const servers = await Promise.all(devs.map((d, i) => VhostUserServer.start(d, { socketPath: sockets[i], log: quiet })));
+      const prefix = `vts-loop-${ring}-${process.pid}`;
+      const vdev = (i: number) => `net_virtio_user${i},path=${sockets[i]},queues=1${ring === 'packed' ? ',packed_vq=1' : ''}`;
+      const child = spawn(
+        TESTPMD,
+        ['--no-pci', '--no-huge', '-m', '512', `--file-prefix=${prefix}`, '--log-level=pmd.net.virtio.init:debug', '--vdev', vdev(0), '--vdev', vdev(1), '--',
+          '--no-mlockall', '--forward-mode=io', '--tx-first', '--auto-start', '--total-num-mbufs=16384', '--stats-period', '1'],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      let output = '';
+      child.stdout.on('data', (d) => (output += d));
+      child.stderr.on('data', (d) => (output += d));
+      const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+      try {
+        await until(() => devs.every((d) => d.stats().txFrames > 100_000 && d.stats().rxFrames > 100_000), 30_000,
+          () => `the loop did not circulate: ${JSON.stringify(devs.map((d) => d.stats()))}\n${output.slice(-2000)}`);
+        expect(output).toMatch(ring === 'packed' ? /using packed ring/ : /using (?!packed)/);
+        for (const d of devs) expect(d.stats().txDropped).toBe(0);
+      } finally {
+        child.kill('SIGINT');
+        const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+        await exited;
+        clearTimeout(timer);
+        rmSync(`/var/run/dpdk/${prefix}`, { recursive: true, force: true });
+        for (const s of servers) await s.close();
+      }
+    }, 60_000);
   }
 });
