@@ -7,5 +7,7 @@ export * from './vhost/index.js';
 export * from './virtqueue/errors.js';
 export * from './virtqueue/guest-memory.js';
 export * from './virtqueue/chain.js';
+export * from './virtqueue/virtqueue.js';
 export * from './virtqueue/split-queue.js';
+export * from './virtqueue/packed-queue.js';
 export { rngDevice, type RngDevice } from './devices/rng/index.js';

@@ -100,9 +100,9 @@ describe('the npm package, installed into an empty project', () => {
       const testing = await import('vhost-ts/testing');
       const devices = await Promise.all(['rng', 'blk', 'net', 'console'].map((d) => import('vhost-ts/devices/' + d)));
       console.log(JSON.stringify({
-        server: typeof main.VhostUserServer, split: typeof main.SplitQueue, rng: typeof main.rngDevice,
+        server: typeof main.VhostUserServer, split: typeof main.SplitQueue, packed: typeof main.PackedQueue, rng: typeof main.rngDevice,
         driverInMain: 'SplitQueueDriver' in main, frontendInMain: 'VhostUserFrontend' in main,
-        frontend: typeof testing.VhostUserFrontend, driver: typeof testing.SplitQueueDriver,
+        frontend: typeof testing.VhostUserFrontend, driver: typeof testing.SplitQueueDriver, packedDriver: typeof testing.PackedQueueDriver,
         devices: devices.map((m) => Object.keys(m).filter((k) => k.endsWith('Device')).sort()),
       }));`;
     const r = await sh(process.execPath, ['--input-type=module', '-e', script], project);
@@ -110,11 +110,13 @@ describe('the npm package, installed into an empty project', () => {
     expect(JSON.parse(r.stdout)).toEqual({
       server: 'function',
       split: 'function',
+      packed: 'function',
       rng: 'function',
       driverInMain: false,
       frontendInMain: false,
       frontend: 'function',
       driver: 'function',
+      packedDriver: 'function',
       devices: [['rngDevice'], ['blkDevice'], ['netDevice'], ['consoleDevice']],
     });
     // TypeScript users get declarations for every subpath.
