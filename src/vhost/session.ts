@@ -25,8 +25,12 @@ export interface Logger {
   error(message: string): void;
 }
 
-/** Memory slots we accept (GET_MAX_MEM_SLOTS): region lookup is a scan, so keep the table small. */
-export const MAX_MEM_SLOTS = 32;
+/**
+ * Memory slots we accept (GET_MAX_MEM_SLOTS): 509, as libvhost-user and rust-vmm answer. QEMU takes at most 512
+ * and refuses a backend whose answer shrinks across reconnects; region lookup is a binary search behind a
+ * one-window cache, so the count costs the data path nothing.
+ */
+export const MAX_MEM_SLOTS = 509;
 
 const pf = (f: ProtocolFeature): bigint => 1n << BigInt(f);
 

@@ -205,14 +205,18 @@ export class GuestMemory {
     return (this.w16[i] ??= new Uint16Array(this.buffers[i].buffer, 0, this.buffers[i].buffer.byteLength >>> 1));
   }
 
-  /** Index of the region holding `gpa`, or -1. */
+  /** Index of the region holding `gpa`, or -1: a binary search over the sorted, disjoint regions. */
   findRegion(gpa: number): number {
     const starts = this.starts;
-    const ends = this.ends;
-    for (let i = 0; i < starts.length; i++) {
-      if (gpa >= starts[i] && gpa < ends[i]) return i;
+    let lo = 0;
+    let hi = starts.length - 1;
+    // The last region starting at or below gpa is the only one that can hold it.
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      if (starts[mid] <= gpa) lo = mid + 1;
+      else hi = mid - 1;
     }
-    return -1;
+    return hi >= 0 && gpa < this.ends[hi] ? hi : -1;
   }
 
   /** Translate a frontend virtual address to a guest-physical one; -1 when no region maps it. */

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { rngDevice } from '../../src/devices/rng/index.js';
 import * as sys from '../../src/sys/index.js';
-import { VhostUserServer, type Logger, type VhostUserDevice } from '../../src/vhost/index.js';
+import { MAX_MEM_SLOTS, VhostUserServer, type Logger, type VhostUserDevice } from '../../src/vhost/index.js';
 import { FrontendRequest, ProtocolFeature } from '../../src/vhost/protocol.js';
 import { VIRTQ_DESC_F_WRITE } from '../../src/virtqueue/index.js';
 import { fillDevice } from './fixtures/fill-device.js';
@@ -50,7 +50,7 @@ describe('negotiation and simple requests', () => {
       expect(offered & (1n << BigInt(ProtocolFeature.CONFIG))).toBe(0n); // rng has no config space
       fe.send({ type: 'SET_PROTOCOL_FEATURES', features: 1n << BigInt(ProtocolFeature.REPLY_ACK) });
       expect(await fe.request({ type: 'GET_QUEUE_NUM' }, FrontendRequest.GET_QUEUE_NUM)).toMatchObject({ value: 1 });
-      expect(await fe.request({ type: 'GET_MAX_MEM_SLOTS' }, FrontendRequest.GET_MAX_MEM_SLOTS)).toMatchObject({ value: 32 });
+      expect(await fe.request({ type: 'GET_MAX_MEM_SLOTS' }, FrontendRequest.GET_MAX_MEM_SLOTS)).toMatchObject({ value: 509 });
       expect(await fe.request({ type: 'SET_STATUS', status: 0xf, needReply: true }, FrontendRequest.SET_STATUS)).toMatchObject({ status: 0 });
       expect(await fe.request({ type: 'GET_STATUS' }, FrontendRequest.GET_STATUS)).toMatchObject({ value: 0xf });
       // Unsupported and unknown requests: a REPLY_ACK failure, and the connection stays up.
@@ -163,6 +163,38 @@ describe('queues', () => {
       q.close();
     }
   });
+
+  it('takes 509 memory slots under a running queue (QEMU caps at 512), refuses the 510th, and serves from each end', async () => {
+    await serve(rngDevice());
+    const q = await openQueue(path); // its ring and buffers are slot 1
+    const page = 4096;
+    const extra = MAX_MEM_SLOTS - 1;
+    const memfd = sys.memfdCreate('slots', extra * page);
+    const addr = sys.mmapShared(memfd, extra * page, 0);
+    // Every other page of guest address space, so each region is its own slot with a hole after it.
+    const gpaOf = (k: number) => 0x4000_0000 + 2 * k * page;
+    const region = (k: number) => ({ guestPhysAddr: gpaOf(k), size: page, userAddr: addr + k * page, mmapOffset: k * page });
+    try {
+      for (let k = 0; k < extra; k++) await q.ack({ type: 'ADD_MEM_REG', region: { ...region(k), fd: memfd } });
+      const refused = await q.fe.request({ type: 'ADD_MEM_REG', region: { guestPhysAddr: 0x8000_0000, size: page, userAddr: addr, mmapOffset: 0, fd: memfd }, needReply: true }, FrontendRequest.ADD_MEM_REG);
+      expect(refused).toMatchObject({ status: 1 });
+      // Buffers in the first, a middle and the last of the added slots: the lookup finds each one.
+      for (const k of [0, 254, extra - 1]) q.driver.add([], [[gpaOf(k) + 16, 64]]);
+      if (q.driver.publish()) sys.eventfdWrite(q.kick, 1);
+      expect(await q.waitUsed(3)).toBe(3 * 64);
+      const view = new Uint8Array(sys.viewOf(addr, extra * page));
+      for (const k of [0, 254, extra - 1]) expect(view.subarray(k * page + 16, k * page + 80).some((b) => b !== 0), `slot ${k}`).toBe(true);
+      for (let k = extra - 1; k >= 0; k--) await q.ack({ type: 'REM_MEM_REG', region: region(k), fd: null });
+      // Back to the one region: the queue still serves from it.
+      q.driver.add([], [[BUF_ADDR, 64]]);
+      if (q.driver.publish()) sys.eventfdWrite(q.kick, 1);
+      expect(await q.waitUsed(1)).toBe(64);
+    } finally {
+      sys.munmap(addr, extra * page);
+      sys.close(memfd);
+      q.close();
+    }
+  }, 60_000);
 
   it('RESET_DEVICE stops the queues; the frontend can set them up again', async () => {
     await serve(rngDevice());

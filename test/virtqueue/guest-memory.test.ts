@@ -20,6 +20,30 @@ describe('GuestMemory', () => {
     { guestPhysAddr: 0, bytes: a, userAddr: 0x7f0000000000 },
   ]);
 
+  it('finds the region of any address among 509, as a linear scan would', () => {
+    // Regions of 1 to 3 pages with gaps of 0 to 2 pages, so neighbours touch sometimes.
+    let s = 99;
+    const r = () => (s = (Math.imul(s, 1103515245) + 12345) >>> 0) >>> 8;
+    const regions: { guestPhysAddr: number; bytes: Uint8Array }[] = [];
+    let at = 0x1000;
+    for (let i = 0; i < 509; i++) {
+      const size = 4096 * (1 + (r() % 3));
+      regions.push({ guestPhysAddr: at, bytes: new Uint8Array(size) });
+      at += size + 4096 * (r() % 3);
+    }
+    const many = GuestMemory.fromBuffers(regions);
+    const linear = (gpa: number) => regions.findIndex((x) => gpa >= x.guestPhysAddr && gpa < x.guestPhysAddr + x.bytes.length);
+    for (let k = 0; k < 20_000; k++) {
+      const gpa = r() % (at + 8192);
+      expect(many.findRegion(gpa), `0x${gpa.toString(16)}`).toBe(linear(gpa));
+    }
+    for (const x of [regions[0], regions[508]]) {
+      expect(many.findRegion(x.guestPhysAddr)).toBe(regions.indexOf(x));
+      expect(many.findRegion(x.guestPhysAddr - 1)).toBe(linear(x.guestPhysAddr - 1));
+      expect(many.findRegion(x.guestPhysAddr + x.bytes.length)).toBe(linear(x.guestPhysAddr + x.bytes.length));
+    }
+  });
+
   it('locates addresses in any region and refuses the gaps and region ends', () => {
     const l = loc();
     expect(mem.locate(0x10, 16, l)).toBe(true);
