@@ -5,8 +5,8 @@
  *
  * Chains are consecutive descriptors linked by NEXT; the buffer id is in the last one. Chains complete in any
  * order: the device writes each used descriptor at its own used index, which then moves on by the chain's
- * descriptor count. Used descriptors of a batch get their id and length at push time and their flags at
- * publish, the batch's first one last, so the driver sees the batch whole.
+ * descriptor count. Used descriptors are written at push time, all but the batch's first flagged too; publish
+ * flags that first one, so the driver sees the batch whole.
  *
  * As in the split ring, every guest-controlled value is checked before use; a bad ring throws VirtqueueError
  * and the queue stays broken until reset.
@@ -93,9 +93,12 @@ export class PackedQueue implements RingQueue {
   private usedIdx: number;
   private usedWrap: number;
 
-  /** Used descriptors written but not yet flagged: their slots and flags, in push order. */
-  private readonly pendingSlot: Uint16Array;
-  private readonly pendingFlags: Uint16Array;
+  /**
+   * The batch's first used descriptor, written but not yet flagged: the driver reads used descriptors in order, so
+   * while this one is unflagged it sees none of the batch, and the rest are flagged as they are pushed.
+   */
+  private firstSlot = 0;
+  private firstFlags = 0;
   private pendingCount = 0;
   /** Descriptors the pending batch moves the used index by (for the event check). */
   private pendingAdvance = 0;
@@ -138,8 +141,6 @@ export class PackedQueue implements RingQueue {
       );
     }
     this.availFlags = this.availWrap ? F_AVAIL : F_USED;
-    this.pendingSlot = new Uint16Array(cfg.size);
-    this.pendingFlags = new Uint16Array(cfg.size);
     this.idInFlight = new Uint8Array(cfg.size);
     this.memory = cfg.memory;
     this.mapRings(cfg.memory);
@@ -208,9 +209,13 @@ export class PackedQueue implements RingQueue {
     const w = 4 * slot;
     this.desc16[2 * w + 6] = id;
     this.desc32[w + 2] = written;
-    const k = this.pendingCount++;
-    this.pendingSlot[k] = slot;
-    this.pendingFlags[k] = (this.usedWrap ? AVAIL_USED : 0) | (written > 0 ? F_WRITE : 0);
+    const flags = (this.usedWrap ? AVAIL_USED : 0) | (written > 0 ? F_WRITE : 0);
+    if (this.pendingCount++ === 0) {
+      this.firstSlot = slot;
+      this.firstFlags = flags;
+    } else {
+      this.desc16[2 * w + 7] = flags;
+    }
     const n = chain.descriptorCount;
     this.pendingAdvance += n;
     let next = slot + n;
@@ -239,15 +244,10 @@ export class PackedQueue implements RingQueue {
   }
 
   publish(): boolean {
-    const n = this.pendingCount;
-    if (n === 0) return false;
-    const slots = this.pendingSlot;
-    const flags = this.pendingFlags;
-    const d16 = this.desc16;
-    for (let k = 1; k < n; k++) d16[8 * slots[k] + 7] = flags[k];
-    // The batch's first descriptor last, as a full barrier: the driver stops at the first one it does not see
-    // used, so until this store it sees none of the batch, and after it all of it.
-    Atomics.store(d16, 8 * slots[0] + 7, flags[0]);
+    if (this.pendingCount === 0) return false;
+    // The batch's first descriptor last, as a full barrier: until this store the driver sees none of the batch,
+    // after it all of it.
+    Atomics.store(this.desc16, 8 * this.firstSlot + 7, this.firstFlags);
     this.pendingCount = 0;
     const advance = this.pendingAdvance;
     this.pendingAdvance = 0;
