@@ -192,6 +192,13 @@ export class BackendSession {
     return q;
   }
 
+  /** {@link queue} for a request that hands over `fd`: when there is no such queue nobody owns it, so close it. */
+  private queueTaking(index: number, fd: number | null): QueueState {
+    const q = this.queues[index];
+    if (!q && fd !== null) close(fd);
+    return this.queue(index);
+  }
+
   private handlerTable(): HandlerTable {
     return {
       GET_FEATURES: () => ({ kind: 'features', features: this.offeredFeatures }),
@@ -246,7 +253,7 @@ export class BackendSession {
         return { kind: 'vring-state', index: m.index, num: q.base };
       },
       SET_VRING_KICK: async (m) => {
-        const q = this.queue(m.index);
+        const q = this.queueTaking(m.index, m.fd);
         if (m.fd === null) throw new RequestFailed(`queue ${m.index}: polling mode (no kick fd) is not supported`);
         const old = q.kickFd;
         q.kickFd = m.fd;
@@ -298,7 +305,7 @@ export class BackendSession {
   }
 
   private async replaceFd(index: number, which: 'callFd' | 'errFd', fd: number | null): Promise<void> {
-    const q = this.queue(index);
+    const q = this.queueTaking(index, fd);
     const old = q[which];
     q[which] = fd ?? -1;
     try {

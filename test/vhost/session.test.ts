@@ -196,6 +196,25 @@ describe('queues', () => {
     }
   }, 60_000);
 
+  it('closes the fds of kick, call and err requests for a queue the device does not have', async () => {
+    await serve(rngDevice());
+    const q = await openQueue(path);
+    try {
+      const before = sys.fdCount();
+      for (let round = 0; round < 10; round++) {
+        for (const type of ['SET_VRING_KICK', 'SET_VRING_CALL', 'SET_VRING_ERR'] as const) {
+          const fd = sys.eventfdCreate();
+          const reply = await q.fe.request({ type, index: 99, fd, needReply: true } as never, FrontendRequest[type]);
+          sys.close(fd); // ours; the backend got its own copy
+          expect(reply).toMatchObject({ status: 1 });
+        }
+      }
+      expect(sys.fdCount()).toBe(before);
+    } finally {
+      q.close();
+    }
+  });
+
   it('RESET_DEVICE stops the queues; the frontend can set them up again', async () => {
     await serve(rngDevice());
     const q = await openQueue(path);
