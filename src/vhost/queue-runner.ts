@@ -166,6 +166,9 @@ export class QueueRunner {
         this.queues.delete(index);
         this.env.unwatchKick(index);
         this.droppedAt.set(index, rq.queue.vringBase());
+        // The handler lets go of what it holds (an io_uring, references to this queue), or it leaks past the
+        // session. The old mappings are still mapped: the session unmaps them after this request.
+        this.stopHandler(rq, index);
         this.fail(rq, e);
       }
     }
@@ -202,7 +205,15 @@ export class QueueRunner {
     };
     rq.handler = this.factory(ctx);
     this.queues.set(c.index, rq);
-    this.env.watchKick(c.index, c.kickFd);
+    try {
+      this.env.watchKick(c.index, c.kickFd);
+    } catch (e) {
+      // A kick fd the event loop refuses (not an eventfd): the session does not count the queue as started and
+      // will never stop it, so stop it here.
+      this.queues.delete(c.index);
+      this.stopHandler(rq, c.index);
+      throw e;
+    }
     // The driver may have queued chains before the kick fd arrived.
     this.kick(c.index);
   }
@@ -218,12 +229,25 @@ export class QueueRunner {
     this.queues.delete(index);
     try {
       rq.handler.drain?.(rq.queue);
-      rq.handler.stop?.(rq.queue);
+    } catch (e) {
+      this.env.log(`queue ${index}: drain failed: ${(e as Error).message}`);
+    }
+    // Even after a failed drain: stop is where the handler releases its resources.
+    this.stopHandler(rq, index);
+    try {
       this.publish(rq);
+    } catch (e) {
+      this.env.log(`queue ${index}: publish on stop failed: ${(e as Error).message}`);
+    }
+    return rq.queue.vringBase();
+  }
+
+  private stopHandler(rq: RunningQueue, index: number): void {
+    try {
+      rq.handler.stop?.(rq.queue);
     } catch (e) {
       this.env.log(`queue ${index}: stop failed: ${(e as Error).message}`);
     }
-    return rq.queue.vringBase();
   }
 
   private running(index: number, f: (rq: RunningQueue) => void): void {

@@ -12,6 +12,9 @@ const SIZE = 16;
 
 interface Rig {
   runner: QueueRunner;
+  /** stop() calls the handler got. */
+  stops: () => number;
+  startReply: ReturnType<QueueRunner['handle']>;
   driver: SplitQueueDriver;
   alloc: GuestAllocator;
   served: number[];
@@ -28,7 +31,7 @@ afterEach(() => {
  * A runner serving one queue whose handler pushes every chain it pops; `duringProcess` runs inside each process()
  * call after the handler found the ring empty (the moment a driver's publish races the device going to sleep).
  */
-function rig(eventIdx: boolean, duringProcess: (call: number) => void, take = true): Rig {
+function rig(eventIdx: boolean, duringProcess: (call: number) => void, take = true, watchKick: () => void = () => {}): Rig {
   const memory = new TestGuestMemory({ regions: [{ guestPhysAddr: 0, size: 1 << 20 }] });
   const regions: MappedRegion[] = memory.regions.map((r) => mapRegion(r, r.fd));
   const layout = splitRingLayout(SIZE, memory.alloc(splitRingLayout(SIZE, 0).end, 4096));
@@ -38,7 +41,11 @@ function rig(eventIdx: boolean, duringProcess: (call: number) => void, take = tr
   const served: number[] = [];
   const logs: string[] = [];
   let calls = 0;
+  let stops = 0;
   const factory = (_ctx: QueueContext): QueueHandler => ({
+    stop() {
+      stops++;
+    },
     process(queue: SplitQueue) {
       for (let c = take ? queue.pop() : null; c !== null; c = queue.pop()) {
         served.push(c.head);
@@ -47,7 +54,7 @@ function rig(eventIdx: boolean, duringProcess: (call: number) => void, take = tr
       duringProcess(calls++);
     },
   });
-  const env: RunnerEnvironment = { watch: () => ({ close() {} }), watchKick() {}, unwatchKick() {}, log: (m) => logs.push(m) };
+  const env: RunnerEnvironment = { watch: () => ({ close() {} }), watchKick, unwatchKick() {}, log: (m) => logs.push(m) };
   const runner = new QueueRunner(factory, {}, env);
   expect(runner.handle({ op: 'memory', regions })).toEqual({ ok: true, value: 0 });
   cleanup.push(() => {
@@ -75,9 +82,32 @@ function rig(eventIdx: boolean, duringProcess: (call: number) => void, take = tr
       enabled: true,
     },
   });
-  expect(reply).toEqual({ ok: true, value: 0 });
-  return { runner, driver, alloc, served, logs };
+  return { runner, driver, alloc, served, logs, stops: () => stops, startReply: reply };
 }
+
+describe('queue runner: handlers are stopped whenever their queue goes', () => {
+  it('when a new memory table drops the rings', () => {
+    const r = rig(false, () => {});
+    expect(r.startReply).toEqual({ ok: true, value: 0 });
+    expect(r.runner.handle({ op: 'memory', regions: [] })).toEqual({ ok: true, value: 0 });
+    expect(r.stops()).toBe(1);
+    expect(r.logs.join('\n')).toMatch(/queue stopped until the driver resets the device/);
+  });
+
+  it('when the event loop refuses the kick fd', () => {
+    const r = rig(false, () => {}, true, () => {
+      throw new Error('epoll_ctl: EPERM');
+    });
+    expect(r.startReply).toMatchObject({ ok: false, error: expect.stringMatching(/EPERM/) });
+    expect(r.stops()).toBe(1);
+  });
+
+  it('on stop, once', () => {
+    const r = rig(false, () => {});
+    r.runner.handle({ op: 'stop', index: 0 });
+    expect(r.stops()).toBe(1);
+  });
+});
 
 describe('queue runner: notifications', () => {
   for (const eventIdx of [false, true]) {
