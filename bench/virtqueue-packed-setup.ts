@@ -3,20 +3,17 @@
  * same. They are separate functions, not the split cases with a parameter: V8 keeps type feedback per function
  * literal, so one literal serving both layouts would run each compiled around the other's queue class.
  */
-import { GuestAllocator, GuestMemory, PACKED_INITIAL_BASE, PackedQueue, PackedQueueDriver, packedRingLayout } from '../src/virtqueue/index.js';
+import { PACKED_INITIAL_BASE, PackedQueue, PackedQueueDriver, packedRingLayout } from '../src/virtqueue/index.js';
+import { makeRing as makeSharedRing, QUEUE_SIZE, threeBuffers } from './virtqueue-setup.js';
 
+// The ring size of virtqueue-setup.ts, as this module's own const: V8 folds it (an imported binding it loads).
 const RING = 256;
-const BASE = 0x100000;
+if (RING !== QUEUE_SIZE) throw new Error(`packed cases use ${RING} entries, the split ones ${QUEUE_SIZE}`);
 const MEMORY = 1 << 20;
 const F_AVAIL = 1 << 7;
 const AVAIL_USED = F_AVAIL | (1 << 15);
 
-function makeRing(bytes: Uint8Array) {
-  const memory = GuestMemory.fromBuffers([{ guestPhysAddr: BASE, bytes }]);
-  const layout = packedRingLayout(RING, BASE);
-  const alloc = new GuestAllocator(layout.end, BASE + bytes.length);
-  return { memory, layout, alloc };
-}
+const makeRing = (bytes: Uint8Array) => makeSharedRing(bytes, packedRingLayout);
 
 export function makePackedDriver(bytes: Uint8Array, eventIdx = false) {
   const { memory, layout, alloc } = makeRing(bytes);
@@ -125,9 +122,6 @@ export function packedOneDescriptorCase(): () => number {
   };
 }
 
-function threeBuffers(buf: number) {
-  return { addr: Float64Array.of(buf, buf + 16, buf + 48), length: Uint32Array.of(16, 32, 1) };
-}
 
 export function packedThreeDescriptorCase(): () => number {
   const bytes = new Uint8Array(MEMORY);

@@ -1,14 +1,15 @@
 /** Shared set-up for the virtqueue benchmarks: one guest region with a ring and a data buffer. */
-import { GuestAllocator, GuestMemory, SplitQueue, SplitQueueDriver, splitRingLayout } from '../src/virtqueue/index.js';
+import { GuestAllocator, GuestMemory, SplitQueue, SplitQueueDriver, splitRingLayout, type RingLayout } from '../src/virtqueue/index.js';
 
 // Loops below use RING: V8 folds a module's non-exported const, but loads an exported one from its cell at every use.
 const RING = 256;
 export const QUEUE_SIZE = RING;
 const BASE = 0x100000;
 
-export function makeRing(bytes: Uint8Array) {
+/** One guest region over `bytes` with a QUEUE_SIZE ring of the given layout at its start. */
+export function makeRing(bytes: Uint8Array, layoutOf: (size: number, base: number) => RingLayout = splitRingLayout) {
   const memory = GuestMemory.fromBuffers([{ guestPhysAddr: BASE, bytes }]);
-  const layout = splitRingLayout(QUEUE_SIZE, BASE);
+  const layout = layoutOf(QUEUE_SIZE, BASE);
   const alloc = new GuestAllocator(layout.end, BASE + bytes.length);
   return { memory, layout, alloc };
 }
@@ -129,7 +130,7 @@ export function oneDescriptorCase(): () => number {
 // The request of the multi-descriptor cases: 16 device-readable bytes, then 32 + 1 device-writable (a
 // virtio-blk-like header, data and status), given to the driver in arrays reused across calls so that adding a
 // chain allocates nothing and the case measures the device, not the driver's garbage.
-function threeBuffers(buf: number) {
+export function threeBuffers(buf: number) {
   return { addr: Float64Array.of(buf, buf + 16, buf + 48), length: Uint32Array.of(16, 32, 1) };
 }
 

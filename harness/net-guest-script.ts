@@ -1,5 +1,7 @@
 // The guest side of network tests and benchmarks: address the first NIC, wait for the peer, ping it, then run
 // iperf3 as server (two one-off runs) or client (10 s each way, retried until the server is up).
+import { featureBitScript, RING_PACKED_BIT } from './guest-features.js';
+
 export function netGuestScript(me: string, peer: string, role: 'server' | 'client', seconds = 10): string {
   const iperf =
     role === 'server'
@@ -14,8 +16,7 @@ ip link set eth0 up
 ip addr add ${me}/24 dev eth0
 # Bounded waits, not fixed delays: under load the link and the peer take their time.
 n=0; until [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" = 1 ]; do n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.1; done
-# One character per negotiated feature bit: bit 34 is VIRTIO_F_RING_PACKED.
-echo "RESULT packed $(cut -c35 /sys/class/net/eth0/device/features)"
+${featureBitScript(1, RING_PACKED_BIT, 'packed')}
 echo "RESULT offload $(ethtool -k eth0 | grep -E '^(tcp-segmentation-offload|tx-checksumming|rx-checksumming):' | tr '\\n' ' ')"
 n=0; until ping -c 1 -W 1 ${peer} > /dev/null 2>&1; do n=$((n+1)); [ $n -gt 90 ] && break; done
 echo "RESULT ping $(ping -c 3 -W 2 ${peer} | grep 'packets transmitted')"

@@ -226,7 +226,7 @@ export class BackendSession {
         const q = this.queue(m.index);
         const max = Math.min(this.device.maxQueueSize, MAX_QUEUE_SIZE);
         // A packed ring may have any size; a split ring's indices wrap at 2^16, so its size must divide that.
-        if (this.packed ? m.num === 0 || m.num > max : m.num === 0 || m.num > max || (m.num & (m.num - 1)) !== 0) {
+        if (m.num === 0 || m.num > max || (!this.packed && (m.num & (m.num - 1)) !== 0)) {
           throw new RequestFailed(`queue ${m.index}: size ${m.num} is not ${this.packed ? 'between 1 and' : 'a power of 2 up to'} ${max}`);
         }
         q.size = m.num;

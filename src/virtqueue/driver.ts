@@ -5,6 +5,7 @@
  * It trusts itself: nothing here validates, because the device side is what is under test.
  */
 import type { GuestMemory, Location } from './guest-memory.js';
+import { tableProblem, tableWord } from './ring-memory.js';
 
 // Local copies of split-queue.ts's flags: an imported binding is read from its module cell, with a TDZ check, at
 // every use in compiled code; a module's own consts are folded.
@@ -109,8 +110,7 @@ export class SplitQueueDriver implements QueueDriver {
   // V8 does not inline) only when these run out, not once per entry.
   private usedAhead = 0;
   // Scratch for add(), so its tuples go through the same allocation-free path as addChain().
-  private scratchAddr = new Float64Array(8);
-  private scratchLength = new Uint32Array(8);
+  private readonly scratch = new ChainArrays();
   private readonly loc: Location = { buffer: 0, offset: 0, span: 0 };
 
   constructor(
@@ -151,22 +151,8 @@ export class SplitQueueDriver implements QueueDriver {
    * With `indirectAt`, the chain goes into an indirect table written at that guest address (one descriptor used).
    */
   add(readable: readonly GuestBuffer[], writable: readonly GuestBuffer[], indirectAt?: number): number {
-    const total = readable.length + writable.length;
-    if (total > this.scratchAddr.length) {
-      this.scratchAddr = new Float64Array(total);
-      this.scratchLength = new Uint32Array(total);
-    }
-    const addr = this.scratchAddr;
-    const length = this.scratchLength;
-    for (let k = 0; k < readable.length; k++) {
-      addr[k] = readable[k][0];
-      length[k] = readable[k][1];
-    }
-    for (let k = 0; k < writable.length; k++) {
-      addr[readable.length + k] = writable[k][0];
-      length[readable.length + k] = writable[k][1];
-    }
-    return this.addChain(addr, length, total, readable.length, indirectAt ?? -1);
+    const total = this.scratch.fill(readable, writable);
+    return this.addChain(this.scratch.addr, this.scratch.length, total, readable.length, indirectAt ?? -1);
   }
 
   /**
@@ -202,18 +188,8 @@ export class SplitQueueDriver implements QueueDriver {
   }
 
   private addIndirect(addr: ArrayLike<number>, length: ArrayLike<number>, count: number, readableCount: number, at: number): number {
-    const loc = this.loc;
-    if (!this.memory.locate(at, 16 * count, loc) || 16 * count > loc.span) {
-      throw new RangeError(`indirect table at 0x${at.toString(16)} is not in one mapped window`);
-    }
-    // Floor, not % 4: the offset is a double, and % on doubles calls fmod.
-    const word = (this.memory.byteOffsetOf(loc.buffer) + loc.offset) / 4;
-    if (word !== Math.floor(word)) throw new RangeError(`indirect table at 0x${at.toString(16)} is not 4-byte aligned`);
-    const t32 = this.memory.words32(loc.buffer);
-    if (word + 4 * count > t32.length || word > 0x7fffffff) {
-      throw new RangeError(`indirect table at 0x${at.toString(16)} is beyond the word view of its mapping`);
-    }
-    const base = word | 0;
+    const base = indirectTableWord(this.memory, this.loc, at, count);
+    const t32 = this.memory.words32(this.loc.buffer);
     for (let k = 0; k < count; k++) {
       const last = k === count - 1;
       const flags = (k < readableCount ? 0 : F_WRITE) | (last ? 0 : F_NEXT);
@@ -352,6 +328,40 @@ export class SplitQueueDriver implements QueueDriver {
     }
     this.freeTop = top;
   }
+}
+
+/**
+ * Reusable parallel arrays of a chain's buffer addresses and lengths, for the drivers' add(): grown when a chain is
+ * longer than any before, so adding allocates nothing in steady state.
+ */
+export class ChainArrays {
+  addr = new Float64Array(8);
+  length = new Uint32Array(8);
+
+  /** Readable buffers then writable ones, into the arrays; returns how many. */
+  fill(readable: readonly GuestBuffer[], writable: readonly GuestBuffer[]): number {
+    const total = readable.length + writable.length;
+    if (total > this.addr.length) {
+      this.addr = new Float64Array(total);
+      this.length = new Uint32Array(total);
+    }
+    for (let k = 0; k < readable.length; k++) {
+      this.addr[k] = readable[k][0];
+      this.length[k] = readable[k][1];
+    }
+    for (let k = 0; k < writable.length; k++) {
+      this.addr[readable.length + k] = writable[k][0];
+      this.length[readable.length + k] = writable[k][1];
+    }
+    return total;
+  }
+}
+
+/** Word index of the `count`-entry indirect table the driver writes at `at` (in `memory.words32(loc.buffer)`). */
+export function indirectTableWord(memory: GuestMemory, loc: Location, at: number, count: number): number {
+  const word = tableWord(memory, loc, at, 16 * count);
+  if (word < 0) throw new RangeError(`indirect table at 0x${at.toString(16)} ${tableProblem(word)}`);
+  return word;
 }
 
 /** Write the descriptor whose first 32-bit word is `w` in `d32`. */

@@ -7,7 +7,7 @@
  * adds a batch and the device sees it whole, as with a split ring's avail idx.
  */
 import type { GuestBuffer, QueueDriver, RingLayout } from './driver.js';
-import { alignUp } from './driver.js';
+import { alignUp, ChainArrays, indirectTableWord } from './driver.js';
 import type { GuestMemory, Location } from './guest-memory.js';
 
 const F_NEXT = 1;
@@ -55,8 +55,7 @@ export class PackedQueueDriver implements QueueDriver {
   private heads = 0;
   /** Descriptors added since the last publish, for the device's event check. */
   private addedSincePublish = 0;
-  private scratchAddr = new Float64Array(8);
-  private scratchLength = new Uint32Array(8);
+  private readonly scratch = new ChainArrays();
   private readonly loc: Location = { buffer: 0, offset: 0, span: 0 };
 
   constructor(
@@ -100,26 +99,14 @@ export class PackedQueueDriver implements QueueDriver {
   }
 
   add(readable: readonly GuestBuffer[], writable: readonly GuestBuffer[], indirectAt?: number): number {
-    const total = readable.length + writable.length;
-    if (total > this.scratchAddr.length) {
-      this.scratchAddr = new Float64Array(total);
-      this.scratchLength = new Uint32Array(total);
-    }
-    for (let k = 0; k < readable.length; k++) {
-      this.scratchAddr[k] = readable[k][0];
-      this.scratchLength[k] = readable[k][1];
-    }
-    for (let k = 0; k < writable.length; k++) {
-      this.scratchAddr[readable.length + k] = writable[k][0];
-      this.scratchLength[readable.length + k] = writable[k][1];
-    }
-    return this.addChain(this.scratchAddr, this.scratchLength, total, readable.length, indirectAt ?? -1);
+    const total = this.scratch.fill(readable, writable);
+    return this.addChain(this.scratch.addr, this.scratch.length, total, readable.length, indirectAt ?? -1);
   }
 
   addChain(addr: ArrayLike<number>, length: ArrayLike<number>, count: number, readableCount: number, indirectAt = -1): number {
     if (indirectAt >= 0) {
       if (count === 0) return -1;
-      const base = this.tableAt(indirectAt, count);
+      const base = indirectTableWord(this.memory, this.loc, indirectAt, count);
       const t32 = this.memory.words32(this.loc.buffer);
       for (let k = 0; k < count; k++) writeDesc(t32, base + 4 * k, addr[k], length[k], 0, k < readableCount ? 0 : F_WRITE);
       const id = this.begin(1);
@@ -269,16 +256,6 @@ export class PackedQueueDriver implements QueueDriver {
       this.nextAvail -= this.size;
       this.availWrap ^= 1;
     }
-  }
-
-  private tableAt(at: number, count: number): number {
-    const loc = this.loc;
-    if (!this.memory.locate(at, 16 * count, loc) || 16 * count > loc.span) {
-      throw new RangeError(`indirect table at 0x${at.toString(16)} is not in one mapped window`);
-    }
-    const word = (this.memory.byteOffsetOf(loc.buffer) + loc.offset) / 4;
-    if (word !== Math.floor(word)) throw new RangeError(`indirect table at 0x${at.toString(16)} is not 4-byte aligned`);
-    return word;
   }
 }
 

@@ -286,11 +286,6 @@ export class PackedQueue implements RingQueue {
     return this.hasAvailable();
   }
 
-  resetSignalled(): void {
-    this.signalledValid = false;
-    this.eventFlagsWritten = false;
-  }
-
   vringBase(): number {
     return (this.lastAvail | (this.availWrap << 15) | (this.usedIdx << 16) | (this.usedWrap << 31)) >>> 0;
   }

@@ -5,6 +5,7 @@ import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { featureBitScript, RING_PACKED_BIT } from '../../harness/guest-features.js';
 import { ensureSetup, type HarnessSetup } from '../../harness/setup.js';
 import { liveQemuPids, runGuest } from '../../harness/vm.js';
 import { blkDevice } from '../../src/devices/blk/index.js';
@@ -38,8 +39,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('blk device in a guest', (
         devices: [{ kind: 'blk', socket, numQueues: 2, packed: ring === 'packed' }],
         script: `
 set -e
-# Feature bits as the guest driver negotiated them, one character per bit: bit 34 is VIRTIO_F_RING_PACKED.
-echo "RESULT packed $(cut -c35 /sys/block/vda/device/features)"
+${featureBitScript(2, RING_PACKED_BIT, 'packed')}
 echo "RESULT serial $(cat /sys/block/vda/serial)"
 echo "RESULT mq $(ls /sys/block/vda/mq | wc -l)"
 echo "RESULT size $(cat /sys/block/vda/size)"

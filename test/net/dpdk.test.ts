@@ -25,11 +25,14 @@ interface TestpmdRun {
  */
 type Ring = 'split' | 'packed';
 
-/** testpmd's EAL and application arguments for one virtio-user port on `socket` (packed_vq=1 for packed rings). */
-function testpmdArgs(socket: string, prefix: string, ring: Ring): string[] {
-  const vdev = `net_virtio_user0,path=${socket},queues=1${ring === 'packed' ? ',packed_vq=1' : ''}`;
+/**
+ * testpmd's EAL and application arguments: a virtio-user port per socket (packed_vq=1 for packed rings), then
+ * `app` (default: interactive).
+ */
+function testpmdArgs(sockets: string | string[], prefix: string, ring: Ring, app = ['-i', '--total-num-mbufs=8192', '--no-mlockall']): string[] {
+  const vdevs = [sockets].flat().flatMap((socket, i) => ['--vdev', `net_virtio_user${i},path=${socket},queues=1${ring === 'packed' ? ',packed_vq=1' : ''}`]);
   // init:debug makes the PMD say which ring layout it drives ("using packed ring ... path").
-  return ['--no-pci', '--no-huge', '-m', '512', `--file-prefix=${prefix}`, '--log-level=pmd.net.virtio.init:debug', '--vdev', vdev, '--', '-i', '--total-num-mbufs=8192', '--no-mlockall'];
+  return ['--no-pci', '--no-huge', '-m', '512', `--file-prefix=${prefix}`, '--log-level=pmd.net.virtio.init:debug', ...vdevs, '--', ...app];
 }
 
 function testpmd(socket: string, prefix: string, ring: Ring, before: string[], done: (out: string) => boolean, timeoutMs = 60_000): Promise<TestpmdRun> {
@@ -186,13 +189,8 @@ describe.skipIf(!existsSync(TESTPMD))('net device with DPDK virtio-user (dpdk-te
       const sockets = devs.map((_, i) => join(dir, `loop-${ring}-${i}.sock`));
       const servers = await Promise.all(devs.map((d, i) => VhostUserServer.start(d, { socketPath: sockets[i], log: quiet })));
       const prefix = `vts-loop-${ring}-${process.pid}`;
-      const vdev = (i: number) => `net_virtio_user${i},path=${sockets[i]},queues=1${ring === 'packed' ? ',packed_vq=1' : ''}`;
-      const child = spawn(
-        TESTPMD,
-        ['--no-pci', '--no-huge', '-m', '512', `--file-prefix=${prefix}`, '--log-level=pmd.net.virtio.init:debug', '--vdev', vdev(0), '--vdev', vdev(1), '--',
-          '--no-mlockall', '--forward-mode=io', '--tx-first', '--auto-start', '--total-num-mbufs=16384', '--stats-period', '1'],
-        { stdio: ['ignore', 'pipe', 'pipe'] },
-      );
+      const app = ['--no-mlockall', '--forward-mode=io', '--tx-first', '--auto-start', '--total-num-mbufs=16384', '--stats-period', '1'];
+      const child = spawn(TESTPMD, testpmdArgs(sockets, prefix, ring, app), { stdio: ['ignore', 'pipe', 'pipe'] });
       let output = '';
       child.stdout.on('data', (d) => (output += d));
       child.stderr.on('data', (d) => (output += d));
