@@ -31,6 +31,8 @@ export class DescriptorChain {
   segAddr = new Float64Array(8);
   /** The queue's pool slot; used to catch a chain returned twice. */
   inFlight = false;
+  /** @internal popped again from the inflight region after a restart, not from the ring. */
+  resubmitted = false;
 
   private readerObj: ChainReader | undefined;
   private writerObj: ChainWriter | undefined;
@@ -70,6 +72,7 @@ export class DescriptorChain {
     if (this.memory !== memory) this.memory = memory; // a compare is cheaper than a store with its write barrier
     this.head = head;
     this.descriptorCount = 1;
+    this.resubmitted = false;
     this.count = 0;
     this.readableCount = 0;
     this.readableBytes = 0;
@@ -84,6 +87,7 @@ export class DescriptorChain {
     if (this.memory !== memory) this.memory = memory;
     this.head = head;
     this.descriptorCount = 1;
+    this.resubmitted = false;
     this.count = 1;
     this.segAddr[0] = gpa;
     this.segBuffer[0] = buffer;

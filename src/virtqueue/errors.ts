@@ -32,6 +32,7 @@ export type VirtqueueErrorCode =
   | 'BAD_USED' // the device returned a chain twice or a head it never popped
   | 'BAD_ID' // packed ring: a buffer id outside the ring, or one that is still in flight
   | 'NOT_AVAILABLE' // packed ring: a chain runs into a descriptor the driver has not made available (wrap counter)
+  | 'BAD_INFLIGHT' // the frontend's inflight region cannot be right (sizes, version, chains it records)
   | 'DEVICE_FAILED'; // the device's handler threw: a bug on our side, but the queue is stopped all the same
 
 export class VirtqueueError extends Error {

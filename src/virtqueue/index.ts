@@ -5,5 +5,7 @@ export * from './chain.js';
 export * from './virtqueue.js';
 export * from './split-queue.js';
 export * from './packed-queue.js';
+export * from './inflight-split.js';
+export * from './inflight-packed.js';
 export * from './driver.js';
 export * from './packed-driver.js';

@@ -14,6 +14,7 @@
 import { DescriptorChain } from './chain.js';
 import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
+import { PackedInflight } from './inflight-packed.js';
 import { appendBuffer, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
 
@@ -60,6 +61,11 @@ export interface PackedQueueConfig {
   base: number;
   /** Most segments a chain may have (default: queue size + the largest indirect table). */
   maxSegments?: number;
+  /**
+   * Track chains in flight in this region (INFLIGHT_SHMFD; `descNum` entries, at least the queue size). A region
+   * in use says where the ring resumes (it wins over `base`) and which chains run again, ahead of the ring.
+   */
+  inflight?: { region: Uint8Array; descNum: number } | null;
 }
 
 /** A packed ring; devices see it as a {@link Virtqueue}. */
@@ -111,6 +117,13 @@ export class PackedQueue implements RingQueue {
   private poolTop = 0;
   private inFlightCount = 0;
   private readonly loc: Location = { buffer: 0, offset: 0, span: 0 };
+  private readonly tracker: PackedInflight | null = null;
+  /** Head entries (of the inflight region) of chains to run again, served before the ring. */
+  private resubmit: Uint16Array = new Uint16Array(0);
+  private resubmitPos = 0;
+  private savedEntries: Uint16Array = new Uint16Array(0);
+  /** Chains found in flight at start (from the inflight region), to run again. */
+  readonly recovered: number = 0;
 
   constructor(cfg: PackedQueueConfig) {
     this.index = cfg.index;
@@ -144,6 +157,20 @@ export class PackedQueue implements RingQueue {
     this.idInFlight = new Uint8Array(cfg.size);
     this.memory = cfg.memory;
     this.mapRings(cfg.memory);
+    if (cfg.inflight) {
+      this.tracker = new PackedInflight(cfg.inflight.region, cfg.inflight.descNum, cfg.size, cfg.index);
+      const at = this.tracker.recover(this.desc16, this.usedIdx, this.usedWrap);
+      if (at !== null) {
+        this.usedIdx = at.usedIdx;
+        this.usedWrap = at.usedWrap;
+        this.lastAvail = at.availIdx;
+        this.availWrap = at.availWrap;
+        this.availFlags = this.availWrap ? F_AVAIL : F_USED;
+        this.resubmit = at.entries;
+        this.recovered = at.entries.length;
+        this.savedEntries = new Uint16Array(cfg.size);
+      }
+    }
   }
 
   setMemory(memory: GuestMemory): void {
@@ -156,11 +183,12 @@ export class PackedQueue implements RingQueue {
   }
 
   hasAvailable(): boolean {
-    return (Atomics.load(this.desc16, 8 * this.lastAvail + 7) & AVAIL_USED) === this.availFlags;
+    return (Atomics.load(this.desc16, 8 * this.lastAvail + 7) & AVAIL_USED) === this.availFlags || this.resubmitPos !== this.resubmit.length;
   }
 
   pop(): DescriptorChain | null {
     if (this.broken !== null) return null;
+    if (this.resubmitPos !== this.resubmit.length) return this.popResubmitted();
     const slot = this.lastAvail;
     const w = 4 * slot;
     // The acquire: the flags are what the driver writes last; everything else of the chain is read after them.
@@ -191,6 +219,7 @@ export class PackedQueue implements RingQueue {
     } else {
       this.walk(chain, slot, flags);
     }
+    if (this.tracker !== null) this.tracker.fetched(chain.head, d32, this.desc16, slot, chain.descriptorCount);
     this.idInFlight[chain.head] = 1;
     this.poolTop = top - 1;
     chain.inFlight = true;
@@ -205,6 +234,7 @@ export class PackedQueue implements RingQueue {
     this.inFlightCount--;
     const id = chain.head;
     this.idInFlight[id] = 0;
+    if (this.tracker !== null) this.tracker.completed(id);
     const slot = this.usedIdx;
     const w = 4 * slot;
     this.desc16[2 * w + 6] = id;
@@ -233,6 +263,12 @@ export class PackedQueue implements RingQueue {
     this.inFlightCount--;
     this.popped--;
     this.idInFlight[chain.head] = 0;
+    if (chain.resubmitted) {
+      this.resubmitPos--;
+      this.pool[this.poolTop++] = chain;
+      return;
+    }
+    if (this.tracker !== null) this.tracker.returned(chain.head);
     let back = this.lastAvail - chain.descriptorCount;
     if (back < 0) {
       back += this.size;
@@ -247,7 +283,9 @@ export class PackedQueue implements RingQueue {
     if (this.pendingCount === 0) return false;
     // The batch's first descriptor last, as a full barrier: until this store the driver sees none of the batch,
     // after it all of it.
+    if (this.tracker !== null) this.tracker.beforeCommit(this.usedIdx, this.usedWrap);
     Atomics.store(this.desc16, 8 * this.firstSlot + 7, this.firstFlags);
+    if (this.tracker !== null) this.tracker.afterCommit();
     this.pendingCount = 0;
     const advance = this.pendingAdvance;
     this.pendingAdvance = 0;
@@ -345,6 +383,42 @@ export class PackedQueue implements RingQueue {
     chain.descriptorCount = count;
     // Only now: a chain that fails leaves the ring where it was (it is broken anyway, but GET_VRING_BASE says so).
     this.advanceAvail(count);
+  }
+
+  /** The next chain the inflight region held at start: walked from the region's copies of its descriptors. */
+  private popResubmitted(): DescriptorChain {
+    const tracker = this.tracker!;
+    const head = this.resubmit[this.resubmitPos];
+    const top = this.poolTop === 0 ? this.newChain() : this.poolTop;
+    const chain = this.pool[top - 1];
+    const entries = this.savedEntries;
+    const n = tracker.chainEntries(head, entries);
+    chain.reset(this.memory, 0);
+    let seenWritable = false;
+    for (let k = 0; k < n; k++) {
+      const e = entries[k];
+      const flags = tracker.flagsOf(e);
+      if (flags & F_INDIRECT) {
+        if (n > 1) this.fail('BAD_INDIRECT', `resubmitted chain at inflight entry ${head}: an indirect descriptor must be the only one in its chain`);
+        this.walkIndirect(chain, head, tracker.addrLoOf(e), tracker.addrHiOf(e), tracker.lenOf(e));
+        continue;
+      }
+      const writable = (flags & F_WRITE) !== 0;
+      if (writable) seenWritable = true;
+      else if (seenWritable) this.fail('ORDER', `resubmitted chain at inflight entry ${head}: a device-readable descriptor follows a device-writable one`);
+      const len = tracker.lenOf(e);
+      if (len > 0) this.addBuffer(chain, this.address(tracker.addrLoOf(e), tracker.addrHiOf(e), head), len, writable, head, this.maxSegments);
+    }
+    chain.head = tracker.idOf(entries[n - 1]);
+    chain.descriptorCount = n;
+    chain.resubmitted = true;
+    this.resubmitPos++;
+    this.idInFlight[chain.head] = 1;
+    this.poolTop = top - 1;
+    chain.inFlight = true;
+    this.inFlightCount++;
+    this.popped++;
+    return chain;
   }
 
   /** The table of a packed indirect descriptor: consecutive entries, of whose flags only WRITE counts. */

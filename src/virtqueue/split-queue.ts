@@ -12,6 +12,7 @@
 import { DescriptorChain } from './chain.js';
 import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
+import { SplitInflight } from './inflight-split.js';
 import { appendBuffer, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
 
@@ -53,6 +54,11 @@ export interface SplitQueueConfig {
   lastAvailIdx: number;
   /** Most segments a chain may have (default: queue size + MAX_INDIRECT_ENTRIES). */
   maxSegments?: number;
+  /**
+   * Track chains in flight in this region (INFLIGHT_SHMFD; `descNum` entries, at least the queue size), and run
+   * again the chains it holds from before a restart, ahead of the avail ring.
+   */
+  inflight?: { region: Uint8Array; descNum: number } | null;
 }
 
 /** A split ring; devices see it as a {@link Virtqueue}. */
@@ -94,6 +100,12 @@ export class SplitQueue implements RingQueue {
   private readonly loc: Location = { buffer: 0, offset: 0, span: 0 };
   private inFlightCount = 0;
   private publishedIdx = 0;
+  private readonly tracker: SplitInflight | null = null;
+  /** Heads the inflight region held at start, served before the avail ring; resubmitPos is the next one. */
+  private resubmit: Uint16Array = new Uint16Array(0);
+  private resubmitPos = 0;
+  /** Chains found in flight at start (from the inflight region), to run again. */
+  readonly recovered: number = 0;
 
   constructor(cfg: SplitQueueConfig) {
     this.index = cfg.index;
@@ -114,6 +126,15 @@ export class SplitQueue implements RingQueue {
     this.mapRings(cfg.memory);
     this.usedIdx = Atomics.load(this.used16, 1);
     this.publishedIdx = this.usedIdx;
+    if (cfg.inflight) {
+      this.tracker = new SplitInflight(cfg.inflight.region, cfg.inflight.descNum, cfg.index);
+      this.resubmit = this.tracker.recover(this.usedIdx, this.size);
+      this.recovered = this.resubmit.length;
+      // Every chain taken from the avail ring is either in the used ring or in flight: the avail ring resumes
+      // after both, whatever base the frontend sent (QEMU rewinds a crashed backend's ring to used->idx).
+      this.lastAvailIdx = (this.usedIdx + this.recovered) & 0xffff;
+      this.shadowAvailIdx = this.lastAvailIdx;
+    }
   }
 
   /** Swap in a new memory table (the rings must still be mapped in it). Chains popped earlier keep the old one. */
@@ -129,7 +150,7 @@ export class SplitQueue implements RingQueue {
 
   /** Whether the driver has made chains available that we have not popped. */
   hasAvailable(): boolean {
-    return Atomics.load(this.avail16, 1) !== this.lastAvailIdx;
+    return Atomics.load(this.avail16, 1) !== this.lastAvailIdx || this.resubmitPos !== this.resubmit.length;
   }
 
   /**
@@ -139,6 +160,7 @@ export class SplitQueue implements RingQueue {
   pop(): DescriptorChain | null {
     // Kept small (the rest is in refill, badHead, newChain and walk) so that V8 inlines pop into the device's loop.
     if (this.broken !== null) return null;
+    if (this.resubmitPos !== this.resubmit.length) return this.popResubmitted();
     const last = this.lastAvailIdx;
     if (this.shadowAvailIdx === last && !this.refill(last)) return null;
     const head = this.avail16[2 + (last & this.mask)];
@@ -168,7 +190,23 @@ export class SplitQueue implements RingQueue {
     } else {
       this.walk(chain, head, flags);
     }
+    if (this.tracker !== null) this.tracker.fetched(head);
     // Only now is the chain taken from the pool: when validation throws, the pool is left as it was.
+    this.poolTop = top - 1;
+    chain.inFlight = true;
+    this.inFlightCount++;
+    this.popped++;
+    return chain;
+  }
+
+  /** The next chain the inflight region says was in flight before the restart (already marked inflight). */
+  private popResubmitted(): DescriptorChain {
+    const head = this.resubmit[this.resubmitPos];
+    const top = this.poolTop === 0 ? this.newChain() : this.poolTop;
+    const chain = this.pool[top - 1];
+    this.walk(chain, head, this.desc16[8 * head + 6]);
+    this.resubmitPos++;
+    chain.resubmitted = true;
     this.poolTop = top - 1;
     chain.inFlight = true;
     this.inFlightCount++;
@@ -214,6 +252,7 @@ export class SplitQueue implements RingQueue {
     const at = 1 + 2 * (used & this.mask);
     u32[at] = chain.head;
     u32[at + 1] = written;
+    if (this.tracker !== null) this.tracker.completed(chain.head);
     this.usedIdx = (used + 1) & 0xffff;
     this.pool[this.poolTop++] = chain;
   }
@@ -223,8 +262,12 @@ export class SplitQueue implements RingQueue {
     if (!chain.inFlight) this.returnedTwice(chain);
     chain.inFlight = false;
     this.inFlightCount--;
-    this.lastAvailIdx = (this.lastAvailIdx - 1) & 0xffff;
     this.popped--;
+    if (chain.resubmitted) this.resubmitPos--;
+    else {
+      this.lastAvailIdx = (this.lastAvailIdx - 1) & 0xffff;
+      if (this.tracker !== null) this.tracker.returned(chain.head);
+    }
     this.pool[this.poolTop++] = chain;
   }
 
@@ -237,6 +280,7 @@ export class SplitQueue implements RingQueue {
     if (now === this.publishedIdx) return false;
     this.publishedIdx = now;
     Atomics.store(this.used16, 1, now); // full barrier: the reads below see the driver's latest state
+    if (this.tracker !== null) this.tracker.published(now);
     if (!this.eventIdx) return (Atomics.load(this.avail16, 0) & AVAIL_F_NO_INTERRUPT) === 0;
     const old = this.signalledUsed;
     const valid = this.signalledUsedValid;

@@ -64,4 +64,6 @@ export interface RingQueue extends Virtqueue {
   setMemory(memory: GuestMemory): void;
   /** The ring position as GET_VRING_BASE reports it (split: next avail index; packed: the 32-bit word). */
   vringBase(): number;
+  /** Chains the inflight region held at start (before a restart, in flight): they are popped again first. */
+  readonly recovered: number;
 }
