@@ -51,6 +51,8 @@ const devices: Record<string, DeviceCommand> = {
       serial: { type: 'string' },
       engine: { type: 'string' },
       'poll-us': { type: 'string' },
+      'no-inflight': { type: 'boolean' },
+      'completion-order': { type: 'string' },
     },
     optionsUsage: `  --image FILE            raw image file or block device
   --null SIZE             no image: a null disk of SIZE bytes (suffix K, M, G), like QEMU's null-co
@@ -59,12 +61,18 @@ const devices: Record<string, DeviceCommand> = {
   --num-queues N          request queues, one worker thread each (default 1)
   --serial ID             the disk's serial number (GET_ID), at most 20 bytes
   --engine uring|sync     io_uring (default where the kernel allows) or preadv/pwritev
-  --poll-us N             busy-poll each queue N microseconds after requests before sleeping (a dedicated core)`,
+  --poll-us N             busy-poll each queue N microseconds after requests before sleeping (a dedicated core)
+  --no-inflight           do not offer inflight tracking (INFLIGHT_SHMFD, on by default: a restarted backend
+                          runs again the requests its predecessor left unfinished)
+  --completion-order reverse
+                          testing aid: complete each batch of requests in reverse order (out of ring order)`,
     capabilities: { type: 'blk', features: ['read-only', 'blk-file', 'num-queues'] },
     create: (v) => {
       if ((typeof v.image === 'string') === (typeof v.null === 'string')) throw new UsageError('blk needs --image FILE or --null SIZE');
       const engine = v.engine ?? 'auto';
       if (engine !== 'auto' && engine !== 'uring' && engine !== 'sync') throw new UsageError('--engine takes uring or sync');
+      const order = v['completion-order'] ?? 'ready';
+      if (order !== 'ready' && order !== 'reverse') throw new UsageError('--completion-order takes ready or reverse');
       return blkDevice({
         path: typeof v.image === 'string' ? v.image : '',
         ...(typeof v.null === 'string' ? { nullSize: byteSize(v.null, '--null') } : {}),
@@ -73,6 +81,8 @@ const devices: Record<string, DeviceCommand> = {
         numQueues: v['num-queues'] === undefined ? 1 : wholeNumber(String(v['num-queues']), '--num-queues'),
         ...(typeof v.serial === 'string' ? { serial: v.serial } : {}),
         engine,
+        inflightTracking: v['no-inflight'] !== true,
+        completionOrder: order,
         ...(v['poll-us'] !== undefined ? { pollUs: wholeNumber(String(v['poll-us']), '--poll-us') } : {}),
       });
     },

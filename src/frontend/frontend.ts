@@ -80,6 +80,7 @@ export const FRONTEND_PROTOCOL_FEATURES: bigint = [
   ProtocolFeature.RESET_DEVICE,
   ProtocolFeature.CONFIGURE_MEM_SLOTS,
   ProtocolFeature.STATUS,
+  ProtocolFeature.INFLIGHT_SHMFD,
 ].reduce((mask, f) => mask | bit(f), 0n);
 
 const ALL_FEATURES = (1n << 64n) - 1n;
@@ -115,8 +116,35 @@ export interface StartQueueOptions extends Omit<TestQueueOptions, 'packed'> {
   base?: number;
 }
 
+/** An inflight region (GET_INFLIGHT_FD's answer), kept by the front-end across back-end restarts. */
+export interface InflightRegion {
+  fd: number;
+  mmapSize: number;
+  mmapOffset: number;
+  numQueues: number;
+  queueSize: number;
+}
+
+/** What a front-end hands to the next one when its back-end died (QEMU keeps all of it across a reconnect). */
+export interface FrontendHandover {
+  memory: TestGuestMemory;
+  queues: TestQueue[];
+  inflight: InflightRegion | null;
+}
+
 export interface StartOptions extends InitOptions {
   queues: readonly StartQueueOptions[];
+  /**
+   * Resume these queues (a previous front-end's, from {@link VhostUserFrontend.handOver}) instead of making new
+   * ones: their rings, buffers and eventfds carry on, as the guest's do when QEMU reconnects to a restarted
+   * back-end. `queues` must name the same indices; `memory` must be theirs.
+   */
+  resume?: readonly TestQueue[];
+  /**
+   * With INFLIGHT_SHMFD negotiated, the region to hand the back-end (SET_INFLIGHT_FD); default: a new one from
+   * GET_INFLIGHT_FD, as QEMU's vhost-user-blk gets at the first start after boot or reset.
+   */
+  inflight?: InflightRegion;
   /**
    * Ring layout to negotiate: 'packed' acks VIRTIO_F_RING_PACKED (the back-end must offer it), 'split' masks it
    * out. Default: the VHOST_TS_TEST_RING environment variable, else 'split' (QEMU's default too).
@@ -175,6 +203,8 @@ export class VhostUserFrontend {
   private isClosed = false;
   private initialized = false;
   private ownsMemory = false;
+  /** The inflight region in use (its fd is ours), when INFLIGHT_SHMFD was negotiated. */
+  inflight: InflightRegion | null = null;
 
   private backendFd = -1;
   private backendReader: MessageReader | null = null;
@@ -650,12 +680,17 @@ export class VhostUserFrontend {
     const eventIdx = (acked & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n;
 
     const memory = options.memory ?? new TestGuestMemory();
-    this.ownsMemory = options.memory === undefined;
+    // Resumed queues and their memory were handed over: this front-end owns them now.
+    this.ownsMemory = options.memory === undefined || options.resume !== undefined;
     this.memory = memory;
     const queues: TestQueue[] = [];
-    for (const q of options.queues) {
+    for (const [i, q] of options.queues.entries()) {
       if (q.eventIdx && !eventIdx) throw new FrontendError('UNSUPPORTED', `queue ${q.index}: EVENT_IDX was not negotiated`);
-      const queue = new TestQueue(memory, { index: q.index, size: q.size, eventIdx: q.eventIdx ?? eventIdx, packed });
+      const resumed = options.resume?.[i];
+      if (resumed && (resumed.index !== q.index || resumed.packed !== packed)) {
+        throw new Error(`queue ${q.index}: the resumed queue is queue ${resumed.index} (${resumed.packed ? 'packed' : 'split'})`);
+      }
+      const queue = resumed ?? new TestQueue(memory, { index: q.index, size: q.size, eventIdx: q.eventIdx ?? eventIdx, packed });
       queues.push(queue);
       this.queues.push(queue);
     }
@@ -663,10 +698,20 @@ export class VhostUserFrontend {
     for (const q of queues) await this.setVringErr(q.index, q.errFd);
     await this.setFeatures(acked);
     if (this.has(ProtocolFeature.STATUS)) await this.addStatus(VIRTIO_CONFIG_S_FEATURES_OK);
+    if (this.has(ProtocolFeature.INFLIGHT_SHMFD)) {
+      // QEMU's vhost_dev_prepare_inflight and vhost_dev_set_inflight, before the memory table.
+      this.inflight =
+        options.inflight ??
+        (await this.getInflightFd(this.queueNum ?? Math.max(...queues.map((q) => q.index)) + 1, Math.max(...queues.map((q) => q.size))));
+      await this.setInflightFd(this.inflight);
+    }
     await this.mapMemory(memory);
     for (const [i, q] of queues.entries()) {
       await this.setVringNum(q.index, q.size);
-      await this.setVringBase(q.index, options.queues[i].base ?? (packed ? PACKED_INITIAL_BASE : 0));
+      // A resumed split ring restarts where the driver last saw used->idx (QEMU's rewind when GET_VRING_BASE
+      // failed); for a packed ring QEMU has only the base of the last clean stop.
+      const resumedBase = options.resume?.[i] ? (packed ? PACKED_INITIAL_BASE : q.driver.usedIdx()) : undefined;
+      await this.setVringBase(q.index, options.queues[i].base ?? resumedBase ?? (packed ? PACKED_INITIAL_BASE : 0));
       await this.setVringAddr(q);
       await this.setVringKick(q.index, q.kickFd);
       await this.setVringCall(q.index, q.callFd);
@@ -694,6 +739,40 @@ export class VhostUserFrontend {
     if (this.has(ProtocolFeature.STATUS)) await this.setStatus(0);
     if (!this.replyAck) await this.sync();
     return bases;
+  }
+
+  /** GET_INFLIGHT_FD: a new region from the back-end (its fd is the caller's). */
+  async getInflightFd(numQueues: number, queueSize: number): Promise<InflightRegion> {
+    const reply = await this.request({ type: 'GET_INFLIGHT_FD', mmapSize: 0, mmapOffset: 0, numQueues, queueSize });
+    if (reply?.kind !== 'raw' || reply.fds.length !== 1 || reply.payload.length < 20) {
+      if (reply?.kind === 'raw') for (const fd of reply.fds) close(fd);
+      throw new FrontendError('BROKEN', 'GET_INFLIGHT_FD: the reply carries no region (payload of 24 bytes and one fd expected)');
+    }
+    const v = new DataView(reply.payload.buffer, reply.payload.byteOffset, reply.payload.length);
+    return {
+      fd: reply.fds[0],
+      mmapSize: Number(v.getBigUint64(0, true)),
+      mmapOffset: Number(v.getBigUint64(8, true)),
+      numQueues: v.getUint16(16, true),
+      queueSize: v.getUint16(18, true),
+    };
+  }
+
+  async setInflightFd(region: InflightRegion): Promise<void> {
+    await this.set({ type: 'SET_INFLIGHT_FD', ...region });
+  }
+
+  /**
+   * The back-end died (or will be killed): hang up, and hand the guest's side (memory, queues, inflight region)
+   * to the front-end that reconnects to its successor, which then owns them.
+   */
+  handOver(): FrontendHandover {
+    if (!this.memory) throw new Error('handOver() before start()');
+    const handover: FrontendHandover = { memory: this.memory, queues: this.queues.splice(0), inflight: this.inflight };
+    this.inflight = null;
+    this.ownsMemory = false;
+    this.close();
+    return handover;
   }
 
   private async addStatus(bits: number): Promise<void> {
@@ -739,6 +818,8 @@ export class VhostUserFrontend {
     }
 
     for (const q of this.queues) q.close();
+    if (this.inflight) close(this.inflight.fd);
+    this.inflight = null;
     if (this.ownsMemory) this.memory?.close();
   }
 }

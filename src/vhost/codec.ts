@@ -666,7 +666,9 @@ export type ReplyPayload =
   | { kind: 'ack'; status: number }
   | { kind: 'vring-state'; index: number; num: number }
   | { kind: 'config'; offset: number; configFlags: number; data: Uint8Array }
-  | { kind: 'config-error' }; // GET_CONFIG failure: empty payload
+  | { kind: 'config-error' } // GET_CONFIG failure: empty payload
+  /** GET_INFLIGHT_FD: the region's description; `fd` goes in the ancillary data (the caller sends it). */
+  | { kind: 'inflight'; mmapSize: number; mmapOffset: number; numQueues: number; queueSize: number; fd: number };
 
 /** A decoded reply; replies the codec does not interpret ('inflight', 'fd', ...) come back 'raw'. */
 export type Reply =
@@ -693,6 +695,8 @@ function replyLength(p: ReplyPayload): number {
       return CONFIG_HEADER_SIZE + p.data.length;
     case 'config-error':
       return 0;
+    case 'inflight':
+      return 24; // QEMU checks sizeof(VhostUserInflight), padding included
     default:
       return 8;
   }
@@ -736,6 +740,12 @@ export function encodeReply(request: FrontendRequest, payload: ReplyPayload, out
       w.put(CONFIG_HEADER_SIZE, payload.data, payload.data.length);
       break;
     case 'config-error':
+      break;
+    case 'inflight':
+      w.u64(0, payload.mmapSize);
+      w.u64(8, payload.mmapOffset);
+      w.u16(16, payload.numQueues);
+      w.u16(18, payload.queueSize);
       break;
   }
   return bytes;

@@ -89,6 +89,12 @@ export interface VhostUserDevice<O = unknown> {
   /** Device-specific virtio feature bits (the framework adds VERSION_1, EVENT_IDX, INDIRECT_DESC, ANY_LAYOUT). */
   readonly features: bigint;
   readonly dataPlane: DataPlane<O>;
+  /**
+   * The device's requests may run twice (block reads and writes do): the framework then offers INFLIGHT_SHMFD
+   * and records every chain in flight in memory the frontend keeps, so that a backend restarted after a crash
+   * gets the chains its predecessor never completed again, before any new ones, in the order they were taken.
+   */
+  readonly inflightTracking?: boolean;
   /** vhost-user protocol features the device adds to the framework's (e.g. RARP for net). */
   readonly protocolFeatures?: bigint;
   /** SEND_RARP (protocol feature RARP): after migration, announce the guest's MAC to the network. */

@@ -3,7 +3,7 @@
  * low-rate devices). It owns no fds: the session does, and only closes one after the runner has let go of it
  * (every request is acknowledged before the session moves on).
  */
-import { eventfdWrite } from '../sys/index.js';
+import { eventfdWrite, viewOf } from '../sys/index.js';
 import { GuestMemory, PackedQueue, SplitQueue, VirtqueueError, type RingQueue } from '../virtqueue/index.js';
 import type { QueueContext, QueueHandler, QueueHandlerFactory } from './device.js';
 import { guestMemoryOf, type MappedRegion } from './memory-map.js';
@@ -26,6 +26,8 @@ export interface QueueStartConfig {
   callFd: number;
   errFd: number;
   enabled: boolean;
+  /** This queue's part of the frontend's inflight region (INFLIGHT_SHMFD), mapped by the session; null: none. */
+  inflight?: { address: number; length: number; descNum: number } | null;
 }
 
 /** Control requests from the session to a runner, answered in order. */
@@ -181,7 +183,8 @@ export class QueueRunner {
   private start(c: QueueStartConfig): void {
     if (this.queues.has(c.index)) this.stop(c.index);
     this.droppedAt.delete(c.index);
-    const ring = { index: c.index, size: c.size, memory: this.memory, descAddr: c.descAddr, eventIdx: c.eventIdx, indirect: c.indirect };
+    const inflight = c.inflight ? { region: new Uint8Array(viewOf(c.inflight.address, c.inflight.length)), descNum: c.inflight.descNum } : null;
+    const ring = { index: c.index, size: c.size, memory: this.memory, descAddr: c.descAddr, eventIdx: c.eventIdx, indirect: c.indirect, inflight };
     const queue: RingQueue = c.packed
       ? new PackedQueue({ ...ring, driverAddr: c.availAddr, deviceAddr: c.usedAddr, base: c.base })
       : new SplitQueue({ ...ring, availAddr: c.availAddr, usedAddr: c.usedAddr, lastAvailIdx: c.base });
@@ -203,6 +206,7 @@ export class QueueRunner {
         }),
       log: (message) => this.env.log(`queue ${c.index}: ${message}`),
     };
+    if (queue.recovered > 0) ctx.log(`${queue.recovered} requests were in flight when the previous backend stopped: running them again first`);
     rq.handler = this.factory(ctx);
     this.queues.set(c.index, rq);
     try {

@@ -9,7 +9,8 @@
  *   otherwise closes the connection (the frontend would go on believing it worked);
  * - a broken ring marks only its queue broken (error eventfd), the session goes on.
  */
-import { close, eventfdWrite, sendMessage } from '../sys/index.js';
+import { fstatSync } from 'node:fs';
+import { close, eventfdWrite, memfdCreate, mmapShared, munmap, sendMessage } from '../sys/index.js';
 import { bit, FRAMEWORK_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type QueueHandlerFactory, type VhostUserDevice } from './device.js';
 import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
 import type { Connection, RawMessage } from './connection.js';
@@ -17,7 +18,7 @@ import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } fro
 import { FrontendRequest, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, alwaysReplies, frontendRequestSpec } from './protocol.js';
 import type { QueueStartConfig } from './queue-runner.js';
 import { InlineHost, WorkerHost, type RunnerHost } from './runner-host.js';
-import { MAX_QUEUE_SIZE } from '../virtqueue/index.js';
+import { MAX_QUEUE_SIZE, packedInflightSize, splitInflightSize } from '../virtqueue/index.js';
 
 export interface Logger {
   info(message: string): void;
@@ -57,6 +58,17 @@ function freshQueue(): QueueState {
   return { size: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false };
 }
 
+/** The frontend's inflight region (SET_INFLIGHT_FD), mapped: one per-queue region after another. */
+interface InflightMapping {
+  mapAddress: number;
+  mapLength: number;
+  /** Where queue 0's region starts in our mapping. */
+  start: number;
+  numQueues: number;
+  queueSize: number;
+  perQueue: number;
+}
+
 type Handler<T extends FrontendMessage['type']> = (msg: FrontendMessageOf<T>) => Promise<ReplyPayload | void> | ReplyPayload | void;
 type HandlerTable = { [T in FrontendMessage['type']]?: Handler<T> };
 
@@ -69,6 +81,7 @@ export class BackendSession {
   private readonly hosts = new Map<number, Promise<RunnerHost>>();
   private readonly groupOf: number[];
   private backendReqFd = -1;
+  private inflight: InflightMapping | null = null;
   private closed = false;
   private readonly handlers: HandlerTable;
 
@@ -116,6 +129,7 @@ export class BackendSession {
       pf(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
       pf(ProtocolFeature.STATUS);
     if (this.device.configSize !== undefined && this.device.readConfig) f |= pf(ProtocolFeature.CONFIG);
+    if (this.device.inflightTracking) f |= pf(ProtocolFeature.INFLIGHT_SHMFD);
     return f | (this.device.protocolFeatures ?? 0n);
   }
 
@@ -156,8 +170,14 @@ export class BackendSession {
       }
       throw new RequestFailed(`${msg.type} failed: ${e.message}`);
     }
-    if (reply) this.conn.send(encodeReply(request, reply));
-    else if (ackWanted) this.conn.send(encodeReply(request, { kind: 'ack', status: 0 }));
+    if (reply) {
+      const fds = reply.kind === 'inflight' ? [reply.fd] : [];
+      try {
+        this.conn.send(encodeReply(request, reply), fds);
+      } finally {
+        for (const fd of fds) close(fd); // the frontend has its own copy now
+      }
+    } else if (ackWanted) this.conn.send(encodeReply(request, { kind: 'ack', status: 0 }));
   }
 
   /** The frontend is gone: stop every queue, unmap memory, close fds, reset the device. Idempotent. */
@@ -175,6 +195,7 @@ export class BackendSession {
     this.hosts.clear();
     for (const r of this.regions) unmapRegion(r);
     this.regions = [];
+    this.unmapInflight();
     for (const q of this.queues) closeQueueFds(q);
     if (this.backendReqFd >= 0) close(this.backendReqFd);
     this.backendReqFd = -1;
@@ -297,6 +318,8 @@ export class BackendSession {
         this.status = m.status & 0xff;
       },
       GET_STATUS: () => ({ kind: 'u64', value: this.status }),
+      GET_INFLIGHT_FD: (m) => this.newInflightRegion(m.numQueues, m.queueSize),
+      SET_INFLIGHT_FD: (m) => this.setInflightRegion(m),
       SEND_RARP: (m) => {
         if (!this.device.sendRarp || !this.has(ProtocolFeature.RARP)) throw new RequestFailed('SEND_RARP without the RARP protocol feature');
         this.device.sendRarp(m.mac);
@@ -313,6 +336,64 @@ export class BackendSession {
     } finally {
       if (old >= 0) close(old);
     }
+  }
+
+  private inflightQueueBytes(queueSize: number): number {
+    return this.packed ? packedInflightSize(queueSize) : splitInflightSize(queueSize);
+  }
+
+  private checkInflightShape(numQueues: number, queueSize: number): void {
+    if (!this.has(ProtocolFeature.INFLIGHT_SHMFD)) throw new RequestFailed('INFLIGHT_SHMFD was not negotiated');
+    if (numQueues < 1 || numQueues > this.queues.length) {
+      throw new RequestFailed(`inflight region for ${numQueues} queues; the device has ${this.queues.length}`);
+    }
+    if (queueSize < 1 || queueSize > MAX_QUEUE_SIZE) throw new RequestFailed(`inflight queue size ${queueSize} is not between 1 and ${MAX_QUEUE_SIZE}`);
+  }
+
+  /**
+   * GET_INFLIGHT_FD: a fresh, zeroed region (version 0: each queue's part is initialised when the queue starts,
+   * at the ring's position then). The frontend keeps it and hands it to every backend that serves this device
+   * after us, until the guest resets the device.
+   */
+  private newInflightRegion(numQueues: number, queueSize: number): ReplyPayload {
+    this.checkInflightShape(numQueues, queueSize);
+    const mmapSize = numQueues * this.inflightQueueBytes(queueSize);
+    const fd = memfdCreate('vhost-ts inflight', mmapSize);
+    return { kind: 'inflight', mmapSize, mmapOffset: 0, numQueues, queueSize, fd };
+  }
+
+  private setInflightRegion(m: FrontendMessageOf<'SET_INFLIGHT_FD'>): void {
+    try {
+      this.checkInflightShape(m.numQueues, m.queueSize);
+      if (this.queues.some((q) => q.started)) throw new RequestFailed('SET_INFLIGHT_FD while queues run');
+      const perQueue = this.inflightQueueBytes(m.queueSize);
+      if (m.mmapSize < m.numQueues * perQueue) {
+        throw new RequestFailed(`inflight region of ${m.mmapSize} bytes; ${m.numQueues} queues of ${m.queueSize} need ${m.numQueues * perQueue}`);
+      }
+      if (m.mmapOffset % 8 !== 0) throw new RequestFailed(`inflight region offset ${m.mmapOffset} is not 8-byte aligned`);
+      const mapLength = m.mmapOffset + m.mmapSize;
+      const st = fstatSync(m.fd);
+      // Past the end of its file a shared mapping is SIGBUS.
+      if (!st.isFile() || st.size < mapLength) throw new RequestFailed(`inflight fd holds ${st.size} bytes, the region needs ${mapLength}`);
+      this.unmapInflight();
+      const mapAddress = mmapShared(m.fd, mapLength, 0);
+      this.inflight = { mapAddress, mapLength, start: mapAddress + m.mmapOffset, numQueues: m.numQueues, queueSize: m.queueSize, perQueue };
+    } finally {
+      close(m.fd);
+    }
+  }
+
+  private unmapInflight(): void {
+    if (this.inflight) munmap(this.inflight.mapAddress, this.inflight.mapLength);
+    this.inflight = null;
+  }
+
+  /** This queue's part of the inflight region, when the frontend gave one that covers it. */
+  private inflightFor(index: number, size: number): QueueStartConfig['inflight'] {
+    const r = this.inflight;
+    if (!r || index >= r.numQueues) return null;
+    if (size > r.queueSize) throw new RequestFailed(`queue ${index}: size ${size} is larger than the inflight region's ${r.queueSize}`);
+    return { address: r.start + index * r.perQueue, length: r.perQueue, descNum: r.queueSize };
   }
 
   private async setMemTable(regions: MemoryRegion[]): Promise<void> {
@@ -373,6 +454,8 @@ export class BackendSession {
     }
     this.features = 0n;
     this.status = 0;
+    // The frontend gets a new region after a reset (QEMU frees its copy).
+    this.unmapInflight();
     this.device.reset?.();
   }
 
@@ -419,6 +502,7 @@ export class BackendSession {
       callFd: q.callFd,
       errFd: q.errFd,
       enabled: q.enabled,
+      inflight: this.inflightFor(index, q.size),
     };
     try {
       await this.toHost(index, { op: 'start', config });

@@ -55,6 +55,16 @@ export interface BlkOptions {
   queueSize?: number;
   /** Busy-poll each queue this many microseconds after it served requests (see DataPlane.pollUs). */
   pollUs?: number;
+  /**
+   * Record requests in flight in the frontend's inflight region (INFLIGHT_SHMFD; default true), so that a
+   * backend restarted after a crash runs the unfinished ones again, whatever order they completed in.
+   */
+  inflightTracking?: boolean;
+  /**
+   * A testing aid: 'reverse' completes each batch of requests in the reverse of the order they finished, so the
+   * used ring runs out of ring order (default 'ready': as they finish).
+   */
+  completionOrder?: 'ready' | 'reverse';
 }
 
 /** What each queue worker gets (structured-cloneable). */
@@ -66,6 +76,7 @@ export interface BlkQueueOptions {
   direct: boolean;
   serial: Uint8Array;
   engine: 'auto' | 'uring' | 'sync';
+  completionOrder: 'ready' | 'reverse';
   limits: Omit<DiskLimits, 'discard' | 'writeZeroes'>;
   /** [0] write cache on (1) or off (0), set by the driver through the config space; shared with the control half. */
   writeback: SharedArrayBuffer;
@@ -135,6 +146,8 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
     numQueues,
     maxQueueSize: opts.queueSize ?? 1024,
     features,
+    // Reads and writes of fixed sectors, and flushes: running one twice after a restart does no harm.
+    inflightTracking: opts.inflightTracking ?? true,
     configSize: CONFIG_SIZE,
     readConfig: (offset, length) => config().slice(offset, offset + length),
     writeConfig: (offset, data) => {
@@ -147,7 +160,7 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
     dataPlane: {
       module: new URL(import.meta.url),
       pollUs: opts.pollUs ?? 0,
-      options: { path: opts.path, nullDisk: opts.nullSize !== undefined, readonly, direct, serial, engine: opts.engine ?? 'auto', limits, writeback, stats },
+      options: { path: opts.path, nullDisk: opts.nullSize !== undefined, readonly, direct, serial, engine: opts.engine ?? 'auto', completionOrder: opts.completionOrder ?? 'ready', limits, writeback, stats },
     },
     stats() {
       return this.queueStats().reduce((a, b) => ({
@@ -184,12 +197,17 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
   let queue: Virtqueue | null = null;
   let waitingForRoom = false;
 
-  const complete = (req: BlkRequest) => {
+  const finish = (req: BlkRequest) => {
     writeStatus(req);
     if (req.status !== 0) stats[4]++;
     queue!.push(req.chain!, req.written);
     req.chain = null;
     free.push(req);
+  };
+  const reversed: BlkRequest[] = [];
+  const complete = o.completionOrder === 'reverse' ? (req: BlkRequest) => void reversed.push(req) : finish;
+  const releaseReversed = () => {
+    while (reversed.length > 0) finish(reversed.pop()!);
   };
   const hooks = { complete, writeThrough: () => Atomics.load(writeback, 0) === 0 };
   const engine: BlockEngine = disk === null ? new NullEngine(hooks) :
@@ -200,6 +218,7 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
         256,
         o.engine === 'uring',
         () => {
+          releaseReversed();
           ctx.publish();
           if (waitingForRoom) {
             waitingForRoom = false;
@@ -245,12 +264,15 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
       }
       if (!engine.hasRoom) waitingForRoom = true;
       engine.flush();
+      releaseReversed();
     },
     drain() {
       engine.drain();
+      releaseReversed();
     },
     stop() {
       engine.drain();
+      releaseReversed();
       engine.close();
       disk?.close();
     },
