@@ -1,3 +1,4 @@
+import { readlinkSync } from 'node:fs';
 import koffi from 'koffi';
 import { EAGAIN, lastError } from './errors.js';
 import { getU64, libc, setU64 } from './libc.js';
@@ -37,4 +38,16 @@ export function eventfdRead(fd: number): number {
     throw lastError('read(eventfd)');
   }
   return getU64(counter, 0);
+}
+
+/**
+ * Whether `fd` is an eventfd. Kick, call and error fds come from the frontend: anything else (a pipe, a socket,
+ * a file) would be read or polled as if it were one, which libuv and koffi are not ready for.
+ */
+export function isEventfd(fd: number): boolean {
+  try {
+    return readlinkSync(`/proc/self/fd/${fd}`) === 'anon_inode:[eventfd]';
+  } catch {
+    return false;
+  }
 }

@@ -12,7 +12,7 @@ export {
   shutdown,
 } from './socket.js';
 export { mmapShared, munmap, viewOf, addressOf, memfdCreate, pageSize } from './memory.js';
-export { eventfdCreate, eventfdWrite, eventfdRead } from './eventfd.js';
+export { eventfdCreate, eventfdWrite, eventfdRead, isEventfd } from './eventfd.js';
 export { Epoll, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP } from './epoll.js';
 export {
   pread,

@@ -38,7 +38,9 @@ export type RunnerRequest =
   | { op: 'kickFd'; index: number; fd: number }
   | { op: 'callFd'; index: number; fd: number }
   | { op: 'errFd'; index: number; fd: number }
-  | { op: 'enable'; index: number; enabled: boolean };
+  | { op: 'enable'; index: number; enabled: boolean }
+  /** Between sessions: stop whatever still runs, drop the memory views, forget stopped queues. */
+  | { op: 'reset' };
 
 /** 'stop' answers the vring base to resume from (-1: the queue was not running); the others answer 0. */
 export type RunnerReply = { ok: true; value: number } | { ok: false; error: string };
@@ -112,6 +114,12 @@ export class QueueRunner {
       case 'enable':
         this.running(req.index, (rq) => (rq.enabled = req.enabled));
         if (req.enabled) this.kick(req.index);
+        return 0;
+      case 'reset':
+        for (const index of [...this.queues.keys()]) this.stop(index);
+        this.droppedAt.clear();
+        this.memory = GuestMemory.empty();
+        this.regions = [];
         return 0;
     }
   }

@@ -11,6 +11,8 @@ import { spawnWorker } from './spawn-worker.js';
 export interface RunnerHost {
   request(req: RunnerRequest): Promise<number>;
   close(): Promise<void>;
+  /** False once the thread died or was closed: requests would fail. */
+  readonly alive: boolean;
 }
 
 export interface RunnerHostOptions {
@@ -70,6 +72,10 @@ export class WorkerHost implements RunnerHost {
     worker.on('error', (e) => host.die(new Error(`${opts.name}: queue worker crashed: ${e.stack ?? e}`)));
     worker.on('exit', (code) => host.die(new Error(`${opts.name}: queue worker exited with code ${code}`)));
     return host;
+  }
+
+  get alive(): boolean {
+    return this.dead === null && !this.closed;
   }
 
   request(req: RunnerRequest): Promise<number> {
@@ -155,6 +161,12 @@ export class InlineHost implements RunnerHost {
     return new InlineHost(mod.createQueueHandler, opts);
   }
 
+  private isClosed = false;
+
+  get alive(): boolean {
+    return !this.isClosed;
+  }
+
   async request(req: RunnerRequest): Promise<number> {
     const reply = this.runner.handle(req);
     if (!reply.ok) throw new Error(reply.error);
@@ -162,6 +174,8 @@ export class InlineHost implements RunnerHost {
   }
 
   async close(): Promise<void> {
+    this.isClosed = true;
+    this.runner.handle({ op: 'reset' });
     for (const w of this.kickWatches.values()) w.close();
     this.kickWatches.clear();
   }

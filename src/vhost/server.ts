@@ -16,6 +16,7 @@ import { lstatSync, unlinkSync } from 'node:fs';
 import { close, isListeningSocket, SysError, unixAccept, unixConnect, unixListen, watchReadable, type FdWatch } from '../sys/index.js';
 import { Connection } from './connection.js';
 import type { VhostUserDevice } from './device.js';
+import { RunnerPool } from './runner-pool.js';
 import { BackendSession, type Logger } from './session.js';
 
 export interface ServeOptions {
@@ -25,8 +26,12 @@ export interface ServeOptions {
   fd?: number;
   /** Connect to a frontend listening here (QEMU `-chardev socket,server=on`), retrying until it answers. */
   connectPath?: string;
-  /** Client mode: delay between connection attempts, in ms (default 500). */
+  /**
+   * Client mode: the first delay between connection attempts, in ms (default 100); it doubles after each failed
+   * attempt up to `maxRetryMs` (default 5000), and starts over once connected.
+   */
   retryMs?: number;
+  maxRetryMs?: number;
   /**
    * Offer packed virtqueues (VIRTIO_F_RING_PACKED; default true): the frontend decides. false offers split rings
    * only, for a frontend that takes every feature offered (QEMU's generic vhost-user devices: rng, the test
@@ -49,9 +54,14 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
   private session: BackendSession | null = null;
   private connection: Connection | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
+  /** Client mode: the next retry delay, and what the last failed attempt said (logged once per change). */
+  private retryDelay = 0;
+  private lastConnectError = '';
   private closing = false;
   private ended: Promise<void> = Promise.resolve();
   readonly log: Logger;
+  /** Queue threads, reused by one session after another. */
+  private readonly pool: RunnerPool;
 
   private constructor(
     readonly device: VhostUserDevice,
@@ -59,6 +69,7 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
   ) {
     super();
     this.log = opts.log ?? stderrLogger(device.name);
+    this.pool = new RunnerPool(device, (m) => this.log.warn(m));
   }
 
   static async start(device: VhostUserDevice, opts: ServeOptions): Promise<VhostUserServer> {
@@ -91,6 +102,7 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
       void this.endSession(null);
     }
     await this.ended;
+    await this.pool.close();
     this.emit('closed');
   }
 
@@ -121,23 +133,40 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
       // One frontend at a time: later ones wait in the listen backlog until this session ends.
       this.listenWatch?.close();
       this.listenWatch = null;
+      this.log.info('frontend connected');
       this.beginSession(fd);
     });
   }
 
+  /**
+   * Client mode: connect to the frontend, and again whenever it goes (QEMU restarted, its socket removed), with
+   * backoff, for as long as the server runs: a frontend that comes back finds us by itself.
+   */
   private connectLoop(): void {
+    this.retryTimer = null;
     if (this.closing) return;
     const path = this.opts.connectPath!;
     let fd: number;
     try {
       fd = unixConnect(path);
     } catch (e) {
-      if (e instanceof SysError && (e.code === 'ENOENT' || e.code === 'ECONNREFUSED')) {
-        this.retryTimer = setTimeout(() => this.connectLoop(), this.opts.retryMs ?? 500);
-        return;
+      const first = this.opts.retryMs ?? 100;
+      const max = Math.max(first, this.opts.maxRetryMs ?? 5000);
+      this.retryDelay = this.retryDelay === 0 ? first : Math.min(this.retryDelay * 2, max);
+      const why = e instanceof SysError ? e.code : (e as Error).message;
+      if (why !== this.lastConnectError) {
+        this.lastConnectError = why;
+        const hint =
+          e instanceof SysError && (e.code === 'ENOENT' || e.code === 'ECONNREFUSED')
+            ? 'the frontend is not listening yet (QEMU: -chardev socket,path=…,server=on)'
+            : (e as Error).message;
+        this.log.warn(`cannot connect to the frontend at ${path}: ${hint}; retrying, at most every ${max / 1000} s`);
       }
-      throw e;
+      this.retryTimer = setTimeout(() => this.connectLoop(), this.retryDelay);
+      return;
     }
+    this.retryDelay = 0;
+    this.lastConnectError = '';
     this.log.info(`connected to frontend at ${path}`);
     this.beginSession(fd);
   }
@@ -147,7 +176,7 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
       onMessage: (msg): Promise<void> => session.handle(msg),
       onClose: (error) => void this.endSession(error),
     });
-    const session: BackendSession = new BackendSession(this.device, conn, this.log, { packedRings: this.opts.packedRings ?? true });
+    const session: BackendSession = new BackendSession(this.device, conn, this.log, { packedRings: this.opts.packedRings ?? true, pool: this.pool });
     this.connection = conn;
     this.session = session;
     let release!: () => void;
@@ -176,8 +205,10 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
     this.endRelease = null;
     release?.();
     if (this.closing) return;
-    if (this.opts.connectPath !== undefined) this.connectLoop();
-    else if (this.listenFd >= 0) this.acceptWhenReady();
+    if (this.opts.connectPath !== undefined) {
+      this.log.info(`reconnecting to the frontend at ${this.opts.connectPath}`);
+      this.connectLoop();
+    } else if (this.listenFd >= 0) this.acceptWhenReady();
     else void this.close(); // an inherited connected fd serves one frontend
   }
 }

@@ -10,14 +10,15 @@
  * - a broken ring marks only its queue broken (error eventfd), the session goes on.
  */
 import { fstatSync } from 'node:fs';
-import { close, eventfdWrite, memfdCreate, mmapShared, munmap, sendMessage } from '../sys/index.js';
-import { bit, FRAMEWORK_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type QueueHandlerFactory, type VhostUserDevice } from './device.js';
+import { close, eventfdWrite, isEventfd, memfdCreate, mmapShared, munmap, sendMessage } from '../sys/index.js';
+import { bit, FRAMEWORK_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type VhostUserDevice } from './device.js';
 import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
 import type { Connection, RawMessage } from './connection.js';
 import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } from './memory-map.js';
 import { FrontendRequest, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, alwaysReplies, frontendRequestSpec } from './protocol.js';
 import type { QueueStartConfig } from './queue-runner.js';
-import { InlineHost, WorkerHost, type RunnerHost } from './runner-host.js';
+import type { RunnerHost } from './runner-host.js';
+import { RunnerPool } from './runner-pool.js';
 import { MAX_QUEUE_SIZE, packedInflightSize, splitInflightSize } from '../virtqueue/index.js';
 
 export interface Logger {
@@ -78,6 +79,10 @@ export class BackendSession {
   private status = 0;
   private regions: MappedRegion[] = [];
   private readonly queues: QueueState[];
+  /** Queue threads, the server's (kept across sessions) or our own. */
+  private readonly pool: RunnerPool;
+  private readonly ownsPool: boolean;
+  /** Groups whose host this session has used (and given its memory table). */
   private readonly hosts = new Map<number, Promise<RunnerHost>>();
   private readonly groupOf: number[];
   private backendReqFd = -1;
@@ -89,8 +94,10 @@ export class BackendSession {
     private readonly device: VhostUserDevice,
     private readonly conn: Connection,
     private readonly log: Logger,
-    private readonly options: { packedRings: boolean } = { packedRings: true },
+    private readonly options: { packedRings: boolean; pool?: RunnerPool } = { packedRings: true },
   ) {
+    this.ownsPool = options.pool === undefined;
+    this.pool = options.pool ?? new RunnerPool(device, (m) => log.warn(m));
     this.queues = Array.from({ length: device.numQueues }, freshQueue);
     this.groupOf = groupsOf(device);
     this.handlers = this.handlerTable();
@@ -185,14 +192,10 @@ export class BackendSession {
     if (this.closed) return;
     this.closed = true;
     await this.stopAll();
-    for (const host of this.hosts.values()) {
-      try {
-        await (await host).close();
-      } catch {
-        // A host that failed to start has nothing to close.
-      }
-    }
     this.hosts.clear();
+    // The hosts let go of this session's memory before it is unmapped below.
+    if (this.ownsPool) await this.pool.close();
+    else await this.pool.release();
     for (const r of this.regions) unmapRegion(r);
     this.regions = [];
     this.unmapInflight();
@@ -213,10 +216,16 @@ export class BackendSession {
     return q;
   }
 
-  /** {@link queue} for a request that hands over `fd`: when there is no such queue nobody owns it, so close it. */
-  private queueTaking(index: number, fd: number | null): QueueState {
+  /**
+   * {@link queue} for a request that hands over `fd` (kick, call, err): when there is no such queue, or the fd
+   * is not an eventfd, nobody will own it, so it is closed and the request refused.
+   */
+  private queueTaking(index: number, fd: number | null, what: string): QueueState {
     const q = this.queues[index];
-    if (!q && fd !== null) close(fd);
+    if (fd !== null && (!q || !isEventfd(fd))) {
+      close(fd);
+      if (q) throw new RequestFailed(`queue ${index}: the ${what} fd is not an eventfd`);
+    }
     return this.queue(index);
   }
 
@@ -274,7 +283,7 @@ export class BackendSession {
         return { kind: 'vring-state', index: m.index, num: q.base };
       },
       SET_VRING_KICK: async (m) => {
-        const q = this.queueTaking(m.index, m.fd);
+        const q = this.queueTaking(m.index, m.fd, 'kick');
         if (m.fd === null) throw new RequestFailed(`queue ${m.index}: polling mode (no kick fd) is not supported`);
         const old = q.kickFd;
         q.kickFd = m.fd;
@@ -328,7 +337,7 @@ export class BackendSession {
   }
 
   private async replaceFd(index: number, which: 'callFd' | 'errFd', fd: number | null): Promise<void> {
-    const q = this.queueTaking(index, fd);
+    const q = this.queueTaking(index, fd, which === 'callFd' ? 'call' : 'error');
     const old = q[which];
     q[which] = fd ?? -1;
     try {
@@ -512,6 +521,7 @@ export class BackendSession {
       throw new RequestFailed(`queue ${index}: ${(e as Error).message}`);
     }
     q.started = true;
+    this.log.info(`queue ${index} started: ${this.packed ? 'packed' : 'split'} ring of ${q.size}${config.inflight ? ', requests in flight tracked' : ''}`);
   }
 
   private userToGuest(userAddr: number): number {
@@ -525,21 +535,12 @@ export class BackendSession {
     return (await this.host(index)).request(req);
   }
 
-  /** The runner host of a queue's group, started on first use with the current memory table. */
+  /** The runner host of a queue's group, from the pool, given the current memory table on first use. */
   private host(index: number): Promise<RunnerHost> {
     const group = this.groupOf[index];
     let host = this.hosts.get(group);
     if (!host) {
-      const plane = this.device.dataPlane;
-      const opts = {
-        module: plane.module,
-        factory: plane.createQueueHandler?.bind(plane) as QueueHandlerFactory | undefined,
-        options: plane.options,
-        name: `${this.device.name} queue group ${group}`,
-        log: (m: string) => this.log.warn(m),
-        pollUs: plane.pollUs ?? 0,
-      };
-      host = (plane.thread === 'main' ? InlineHost.start(opts) : WorkerHost.start(opts)).then(async (h) => {
+      host = this.pool.host(group).then(async (h) => {
         if (this.regions.length > 0) await h.request({ op: 'memory', regions: this.regions });
         return h;
       });

@@ -3,7 +3,7 @@
  * (or answered), the process survives, a well-behaved frontend is served afterwards, and no fd leaks.
  */
 import { once } from 'node:events';
-import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -217,6 +217,32 @@ describe('robustness against a hostile frontend', () => {
       expect((await rngSession(s2path)).some((b) => b !== 0)).toBe(true);
     } finally {
       await s2.close();
+    }
+  });
+
+  it('refuses a kick, call or error fd that is not an eventfd, closes it, and keeps serving', async () => {
+    const s3path = join(dir, 'rng3.sock');
+    const log = { ...quiet, errors: [] as string[], error(m: string) { log.errors.push(m); } };
+    const s3 = await VhostUserServer.start(rngDevice(), { socketPath: s3path, log });
+    try {
+      for (const type of ['SET_VRING_KICK', 'SET_VRING_CALL', 'SET_VRING_ERR'] as const) {
+        const before = sys.fdCount();
+        const notEventfd = openSync('/dev/null', 'r');
+        const fe = RawFrontend.connect(s3path);
+        const disconnected = once(s3, 'disconnected');
+        const { bytes } = encodeFrontendMessage({ type, index: 0, fd: notEventfd });
+        fe.sendBytes(bytes, [notEventfd]);
+        await fe.waitClosed();
+        fe.close();
+        closeSync(notEventfd);
+        await disconnected;
+        expect(log.errors.join('\n')).toMatch(new RegExp(`${type} failed: queue 0: the (kick|call|error) fd is not an eventfd`));
+        // The backend closed its copy: the process has what it had before.
+        expect(sys.fdCount(), `${type}: fds now: ${openFds()}`).toBe(before);
+      }
+      expect((await rngSession(s3path)).some((b) => b !== 0)).toBe(true);
+    } finally {
+      await s3.close();
     }
   });
 });

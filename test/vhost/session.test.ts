@@ -12,6 +12,7 @@ import { VIRTQ_DESC_F_WRITE } from '../../src/virtqueue/index.js';
 import { fillDevice } from './fixtures/fill-device.js';
 import { RawFrontend } from './raw-frontend.js';
 import { BUF_ADDR, openQueue, rngSession } from './rng-session.js';
+import { VhostUserFrontend } from '../../src/frontend/index.js';
 
 const logs: string[] = [];
 const log: Logger = { info: (m) => logs.push(m), warn: (m) => logs.push(m), error: (m) => logs.push(m) };
@@ -268,5 +269,46 @@ describe('server', () => {
     } finally {
       sys.close(listener);
     }
+  });
+
+  it('client mode: when the frontend goes away and comes back, the backend reconnects by itself and serves it', async () => {
+    const accept = (listener: number): Promise<number> =>
+      new Promise<number>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('backend never connected')), 10_000);
+        const w = sys.watchReadable(listener, () => {
+          const fd = sys.unixAccept(listener);
+          if (fd < 0) return;
+          clearTimeout(timer);
+          w.close();
+          resolve(fd);
+        });
+      });
+    const server = await serve(fillDevice(0x5a, 'worker'), { connectPath: path, retryMs: 10, maxRetryMs: 80 });
+    for (let generation = 0; generation < 3; generation++) {
+      // QEMU with server=on: it listens, we connect; then it is killed (socket gone) and started again later.
+      const listener = sys.unixListen(path);
+      const fe = new VhostUserFrontend(await accept(listener));
+      try {
+        const [q] = await fe.start({ queues: [{ index: 0, size: 16 }] });
+        const chain = q.add({ writable: [32] });
+        q.kick();
+        const [used] = await q.waitForUsed(1);
+        expect(used.len).toBe(32);
+        expect([...q.written(chain, 4)]).toEqual([0x5a, 0x5a, 0x5a, 0x5a]);
+      } finally {
+        const gone = once(server, 'disconnected');
+        fe.close();
+        sys.close(listener);
+        rmSync(path);
+        await gone;
+      }
+      // While nobody listens, the backend keeps trying (and says so once, not per attempt).
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    // Before the first frontend, and after each one went.
+    const waits = logs.filter((l) => /cannot connect to the frontend at .*not listening yet/.test(l));
+    expect(waits.length).toBe(4);
+    expect(logs.filter((l) => /reconnecting to the frontend at/.test(l)).length).toBe(3);
+    expect(logs.filter((l) => /connected to frontend at/.test(l)).length).toBe(3);
   });
 });

@@ -41,6 +41,10 @@ class UringEngine implements BlockEngine {
     this.watch = watch(ring.eventFd, () => this.reap());
   }
 
+  get pending(): number {
+    return this.ring.pending;
+  }
+
   get hasRoom(): boolean {
     return this.freeIds.length > 0 && this.ring.sqSpace >= this.maxOpsPerRequest;
   }

@@ -28,6 +28,8 @@ export interface BlockEngine {
   submit(req: BlkRequest): void;
   /** Whether another request can be submitted now. */
   readonly hasRoom: boolean;
+  /** Requests submitted and not yet completed. */
+  readonly pending: number;
   /** Push queued submissions to the kernel (batching point). */
   flush(): void;
   /** Block until every submitted request has completed. */
@@ -49,6 +51,7 @@ export function fallocateMode(type: number, flags: number): number {
 
 export class SyncEngine implements BlockEngine {
   readonly hasRoom = true;
+  readonly pending = 0;
 
   constructor(
     private readonly disk: DiskFile,
@@ -116,6 +119,7 @@ function transfer(op: Vectored, fd: number, bufferedFd: number, req: BlkRequest,
 /** No disk: every request completes at once with success (reads leave buffers untouched; QEMU's null-co). */
 export class NullEngine implements BlockEngine {
   readonly hasRoom = true;
+  readonly pending = 0;
   constructor(private readonly hooks: EngineHooks) {}
   submit(req: BlkRequest): void {
     this.hooks.complete(req);

@@ -61,8 +61,9 @@ export interface BlkOptions {
    */
   inflightTracking?: boolean;
   /**
-   * A testing aid: 'reverse' completes each batch of requests in the reverse of the order they finished, so the
-   * used ring runs out of ring order (default 'ready': as they finish).
+   * A testing aid: 'reverse' completes each batch of requests in the reverse of the order they finished, and
+   * holds one of them back until the next batch while others are still running, so the used ring runs out of
+   * ring order with older requests in flight behind newer completed ones (default 'ready': as they finish).
    */
   completionOrder?: 'ready' | 'reverse';
 }
@@ -205,8 +206,15 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
     free.push(req);
   };
   const reversed: BlkRequest[] = [];
+  let carried: BlkRequest | null = null;
   const complete = o.completionOrder === 'reverse' ? (req: BlkRequest) => void reversed.push(req) : finish;
   const releaseReversed = () => {
+    if (reversed.length === 0 && carried === null) return;
+    const previous = carried;
+    carried = null;
+    if (previous) reversed.unshift(previous);
+    // Hold the oldest new completion for one more batch, while the engine has more to come.
+    if (engine.pending > 0 && reversed.length > (previous ? 1 : 0)) carried = reversed.splice(previous ? 1 : 0, 1)[0];
     while (reversed.length > 0) finish(reversed.pop()!);
   };
   const hooks = { complete, writeThrough: () => Atomics.load(writeback, 0) === 0 };
