@@ -6,13 +6,21 @@ import { FW_CFG_SCRIPT } from './guest-init.js';
 /**
  * `packed`: let the driver use packed virtqueues (`packed=on`; QEMU's default is split). QEMU's generic
  * vhost-user devices (rng, the test device the console uses) pass the backend's offer through whatever it says.
+ * `server`: QEMU listens on the socket (`server=on,wait=off`) and the backend connects (`--connect`), instead of
+ * QEMU connecting (with `reconnectMs`, again after the backend restarts).
  */
+interface Chardev {
+  socket: string;
+  reconnectMs?: number;
+  server?: boolean;
+  packed?: boolean;
+}
 export type VhostUserDevice =
-  | { kind: 'rng'; socket: string; reconnectMs?: number; packed?: boolean }
-  | { kind: 'blk'; socket: string; numQueues?: number; reconnectMs?: number; packed?: boolean }
-  | { kind: 'net'; socket: string; mac?: string; queues?: number; reconnectMs?: number; packed?: boolean }
+  | ({ kind: 'rng' } & Chardev)
+  | ({ kind: 'blk'; numQueues?: number } & Chardev)
+  | ({ kind: 'net'; mac?: string; queues?: number } & Chardev)
   /** virtio-console through the generic vhost-user device: 2 queues for one port, more with multiport. */
-  | { kind: 'console'; socket: string; numQueues?: number; reconnectMs?: number; packed?: boolean };
+  | ({ kind: 'console'; numQueues?: number } & Chardev);
 
 export interface MachineSpec {
   kernel: string;
@@ -35,9 +43,9 @@ function escape(value: string): string {
   return value.replace(/,/g, ',,');
 }
 
-function chardev(id: string, socket: string, reconnectMs?: number): string[] {
-  const reconnect = reconnectMs !== undefined ? `,reconnect-ms=${reconnectMs}` : '';
-  return ['-chardev', `socket,id=${id},path=${escape(socket)}${reconnect}`];
+function chardev(id: string, d: Chardev): string[] {
+  const mode = d.server ? ',server=on,wait=off' : d.reconnectMs !== undefined ? `,reconnect-ms=${d.reconnectMs}` : '';
+  return ['-chardev', `socket,id=${id},path=${escape(d.socket)}${mode}`];
 }
 
 export function defaultMac(index: number): string {
@@ -49,7 +57,7 @@ export function deviceArgs(devices: VhostUserDevice[]): string[] {
   let netIndex = 0;
   devices.forEach((d, i) => {
     const id = `vhu${i}`;
-    args.push(...chardev(id, d.socket, d.reconnectMs));
+    args.push(...chardev(id, d));
     const packed = d.packed ? ',packed=on' : '';
     switch (d.kind) {
       case 'rng':

@@ -198,7 +198,9 @@ describe.each(Object.keys(devices) as (keyof typeof devices)[])(`%s backend unde
       expect(child.exitCode, log).toBeNull();
       expect(end.fds, `${report}\n${log}`).toEqual(base.fds);
       expect(end.rssMiB - base.rssMiB, report).toBeLessThan(RSS_GROWTH_MAX_MIB);
-      expect(end.maps - base.maps, report).toBeLessThan(40);
+      // V8 keeps a few dozen more 256 KiB heap pages mapped after warm-up (+46 after 2000 cycles, +50 after 6000);
+      // a thread per session left 3 mappings each behind (6000 after 2000 cycles).
+      expect(end.maps - base.maps, report).toBeLessThan(100);
     } finally {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
       await exited;
