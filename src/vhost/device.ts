@@ -130,6 +130,12 @@ export interface QueueContext<O = unknown> {
   /** Features the driver accepted (control path only; read once, not per chain). */
   readonly features: bigint;
   /**
+   * The ring does not start at its beginning: the driver used it before this handler (a backend restarted under
+   * a running guest, or a queue stopped and started again). Devices whose driver set them up through a queue
+   * earlier (virtio-console's control messages) take that setup as done.
+   */
+  readonly resumed: boolean;
+  /**
    * Publish used chains and notify the driver if it asked to be. The framework does this after each
    * `process()` call; call it yourself when chains complete later (asynchronous I/O).
    */

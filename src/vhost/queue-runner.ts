@@ -202,6 +202,8 @@ export class QueueRunner {
       queue,
       options: this.options,
       features: c.features,
+      // The start of a ring: split avail index 0; packed avail index 0 in the first lap (wrap counter 1).
+      resumed: c.packed ? (c.base & 0xffff) !== 0x8000 : c.base !== 0,
       publish: () => this.publish(rq),
       resume: () => this.kick(c.index),
       watch: (fd, onReadable) =>

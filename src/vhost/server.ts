@@ -56,6 +56,7 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
   private retryTimer: NodeJS.Timeout | null = null;
   /** Client mode: the next retry delay, and what the last failed attempt said (logged once per change). */
   private retryDelay = 0;
+  private sessionStarted = 0;
   private lastConnectError = '';
   private closing = false;
   private ended: Promise<void> = Promise.resolve();
@@ -165,10 +166,25 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
       this.retryTimer = setTimeout(() => this.connectLoop(), this.retryDelay);
       return;
     }
-    this.retryDelay = 0;
     this.lastConnectError = '';
     this.log.info(`connected to frontend at ${path}`);
+    this.sessionStarted = Date.now();
     this.beginSession(fd);
+  }
+
+  /** Client mode, after a session: at once if it lasted, else after the backoff (a frontend that keeps hanging up on us). */
+  private reconnect(): void {
+    const path = this.opts.connectPath!;
+    if (Date.now() - this.sessionStarted >= 1000) {
+      this.retryDelay = 0;
+      this.log.info(`reconnecting to the frontend at ${path}`);
+      this.connectLoop();
+      return;
+    }
+    const first = this.opts.retryMs ?? 100;
+    this.retryDelay = Math.min(this.retryDelay === 0 ? first : this.retryDelay * 2, Math.max(first, this.opts.maxRetryMs ?? 5000));
+    this.log.info(`reconnecting to the frontend at ${path} in ${this.retryDelay} ms (its last session ended at once)`);
+    this.retryTimer = setTimeout(() => this.connectLoop(), this.retryDelay);
   }
 
   private beginSession(fd: number): void {
@@ -205,10 +221,8 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
     this.endRelease = null;
     release?.();
     if (this.closing) return;
-    if (this.opts.connectPath !== undefined) {
-      this.log.info(`reconnecting to the frontend at ${this.opts.connectPath}`);
-      this.connectLoop();
-    } else if (this.listenFd >= 0) this.acceptWhenReady();
+    if (this.opts.connectPath !== undefined) this.reconnect();
+    else if (this.listenFd >= 0) this.acceptWhenReady();
     else void this.close(); // an inherited connected fd serves one frontend
   }
 }

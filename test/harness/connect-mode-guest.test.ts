@@ -28,7 +28,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('client mode with QEMU res
     truncateSync(image, 16 << 20);
     const socket = join(dir, 'qemu.sock');
     let log = '';
-    const backend: ChildProcess = spawn(process.execPath, [bin, 'blk', '--connect', socket, '--image', image], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const backend: ChildProcess = spawn(process.execPath, [bin, 'blk', '--connect', socket, '--image', image, '--num-queues', '2'], { stdio: ['ignore', 'ignore', 'pipe'] });
     backend.stderr!.on('data', (d) => (log += d));
     const exited = once(backend, 'exit');
     try {
@@ -38,7 +38,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('client mode with QEMU res
         setup,
         timeoutMs: 120_000,
         signal: abort.signal,
-        devices: [{ kind: 'blk', socket, server: true }],
+        devices: [{ kind: 'blk', socket, server: true, numQueues: 2 }],
         script: `
 echo vhost-ts-connect-marker | dd of=/dev/vda bs=512 conv=sync oflag=direct 2>/dev/null
 echo WROTE
@@ -55,7 +55,7 @@ sleep 600
       const second = await runGuest({
         setup,
         timeoutMs: 120_000,
-        devices: [{ kind: 'blk', socket, server: true }],
+        devices: [{ kind: 'blk', socket, server: true, numQueues: 2 }],
         script: 'echo "RESULT read $(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | tr -d "\\\\000")"',
       });
       expect(second.exitCode).toBe(0);

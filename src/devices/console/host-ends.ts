@@ -27,8 +27,13 @@ export interface HostEnd {
   readonly description: string;
   /** Whether a client is attached now (always true for stdio and file). */
   readonly connected: boolean;
-  /** Guest output. False: backed up, hold further output until drain(). */
-  write(bytes: Uint8Array): boolean;
+  /**
+   * Guest output. False: backed up, hold further output until drain(). `flushed` is called once these bytes
+   * have left this process (handed to the kernel), when {@link unflushed} was not 0 after the call.
+   */
+  write(bytes: Uint8Array, flushed?: () => void): boolean;
+  /** Bytes written and still in this process (not yet handed to the kernel): lost if the backend dies now. */
+  readonly unflushed: number;
   pauseInput(): void;
   resumeInput(): void;
   /** The attached terminal's size, if it has one. */
@@ -133,9 +138,13 @@ class SocketEnd implements HostEnd {
     this.events.connection(true);
   }
 
-  write(bytes: Uint8Array): boolean {
+  write(bytes: Uint8Array, flushed?: () => void): boolean {
     // Node copies nothing for a Buffer; the caller's bytes are a fresh copy per chain.
-    return this.client ? this.client.write(bytes) : true;
+    return this.client ? this.client.write(bytes, flushed) : true;
+  }
+
+  get unflushed(): number {
+    return this.client?.writableLength ?? 0;
   }
 
   pauseInput(): void {
@@ -221,7 +230,12 @@ class PtyEnd implements HostEnd {
       this.updateWatch();
       this.events.connection(up);
     }
-    if (this.stuck && this.flushStuck()) this.events.drain();
+    if (this.stuck && this.flushStuck()) {
+      const flushed = this.onFlushed;
+      this.onFlushed = undefined;
+      flushed?.();
+      this.events.drain();
+    }
     const now = windowSize(this.fd);
     if (now.cols !== this.last.cols || now.rows !== this.last.rows) {
       this.last = now;
@@ -255,9 +269,16 @@ class PtyEnd implements HostEnd {
     }
   }
 
-  write(bytes: Uint8Array): boolean {
+  get unflushed(): number {
+    return this.stuck?.length ?? 0;
+  }
+
+  private onFlushed: (() => void) | undefined;
+
+  write(bytes: Uint8Array, flushed?: () => void): boolean {
     if (!this.attached) return true;
     if (this.stuck) return false;
+    this.onFlushed = flushed;
     let n: number;
     try {
       n = write(this.fd, bytes);
@@ -342,8 +363,12 @@ class StdioEnd implements HostEnd {
     this.events.detach();
   }
 
-  write(bytes: Uint8Array): boolean {
-    return process.stdout.write(bytes);
+  write(bytes: Uint8Array, flushed?: () => void): boolean {
+    return process.stdout.write(bytes, flushed);
+  }
+
+  get unflushed(): number {
+    return process.stdout.writableLength;
   }
 
   pauseInput(): void {
@@ -382,8 +407,12 @@ class FileEnd implements HostEnd {
     this.out.on('error', (e) => events.log(`${this.description}: ${e.message}`));
   }
 
-  write(bytes: Uint8Array): boolean {
-    return this.out.write(bytes);
+  write(bytes: Uint8Array, flushed?: () => void): boolean {
+    return this.out.write(bytes, flushed);
+  }
+
+  get unflushed(): number {
+    return this.out.writableLength;
   }
 
   pauseInput(): void {}

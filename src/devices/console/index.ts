@@ -119,6 +119,11 @@ class Port {
   // Guest -> host.
   tx: QueueContext | null = null;
   backedUp = false;
+  /**
+   * The chain whose bytes the host end still holds in this process: given back to the guest only once they
+   * reached the kernel, so a backend killed meanwhile leaves it in the ring for its successor to send again.
+   */
+  held: DescriptorChain | null = null;
   readonly backlog: Uint8Array[] = [];
   backlogBytes = 0;
   dropped = 0;
@@ -169,10 +174,10 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
 
   // ---- Guest -> host -----------------------------------------------------------------------------------------
 
-  const out = (port: Port, bytes: Uint8Array): void => {
+  const out = (port: Port, bytes: Uint8Array, flushed?: () => void): void => {
     port.bytesFromGuest += bytes.length;
     if (port.end.connected) {
-      if (!port.end.write(bytes)) port.backedUp = true;
+      if (!port.end.write(bytes, flushed)) port.backedUp = true;
       return;
     }
     port.backlog.push(bytes);
@@ -200,13 +205,28 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
     port.end.connected ? !port.backedUp : port.isConsole || port.backlogBytes < BACKLOG_BYTES;
 
   const serveTx = (port: Port, queue: Virtqueue): void => {
-    while (takesOutput(port)) {
+    while (takesOutput(port) && port.held === null) {
       const chain = queue.pop();
       if (chain === null) return;
       const bytes = readAll(chain);
+      out(port, bytes, () => releaseHeld(port, chain));
+      if (port.end.connected && port.end.unflushed > 0) {
+        port.held = chain;
+        return;
+      }
       queue.push(chain, 0);
-      out(port, bytes);
     }
+  };
+
+  /** The host end flushed `chain`'s bytes: they are with the kernel now, so the guest may have it back. */
+  const releaseHeld = (port: Port, chain: DescriptorChain): void => {
+    if (port.held !== chain) return; // given back at once, or to the ring on stop
+    port.held = null;
+    const ctx = port.tx;
+    if (ctx === null) return;
+    ctx.queue.push(chain, 0);
+    ctx.publish();
+    if (!port.backedUp) ctx.resume();
   };
 
   const attached = (port: Port, open: boolean): void => {
@@ -365,6 +385,20 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
       };
     }
     if (where === 'control-tx') {
+      // A driver that set the device up before this backend started (we were restarted under a running guest)
+      // sends DEVICE_READY and PORT_OPEN no more: take the device as ready, assume its ports open, and add the
+      // ports again, which a driver answers with PORT_READY (Linux: "already added"), so names, the console
+      // port, sizes and the host side's open state are sent anew: the guest sees the host side close and
+      // reopen as clients attach to this backend.
+      if (ctx.resumed && multiport) {
+        log('the driver set the device up before this backend started: adding its ports again');
+        for (const p of ports) {
+          p.added = true;
+          p.guestOpen = true;
+          sendControl(p.id, VIRTIO_CONSOLE_PORT_OPEN, 0);
+          sendControl(p.id, VIRTIO_CONSOLE_DEVICE_ADD, 0);
+        }
+      }
       return {
         process(queue) {
           for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
@@ -391,7 +425,11 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
     port.tx = ctx;
     return {
       process: (queue) => serveTx(port, queue),
-      stop: () => {
+      stop: (queue) => {
+        // Its bytes may never reach the client: the ring keeps the chain for whoever serves the queue next (a
+        // client may see them twice, never not at all).
+        if (port.held !== null) queue.unpop(port.held);
+        port.held = null;
         port.tx = null;
       },
     };
