@@ -6,7 +6,7 @@ import { FW_CFG_SCRIPT } from './guest-init.js';
 /**
  * `packed`: let the driver use packed virtqueues (`packed=on`; QEMU's default is split). QEMU's generic
  * vhost-user devices (rng, the test device the console uses) pass the backend's offer through whatever it says.
- * `server`: QEMU listens on the socket (`server=on,wait=off`) and the backend connects (`--connect`), instead of
+ * `server`: QEMU listens on the socket (`server=on,wait=on`: it waits for the backend to connect, with `--connect`), instead of
  * QEMU connecting (with `reconnectMs`, again after the backend restarts).
  */
 interface Chardev {
@@ -44,7 +44,7 @@ function escape(value: string): string {
 }
 
 function chardev(id: string, d: Chardev): string[] {
-  const mode = d.server ? ',server=on,wait=off' : d.reconnectMs !== undefined ? `,reconnect-ms=${d.reconnectMs}` : '';
+  const mode = d.server ? ',server=on,wait=on' : d.reconnectMs !== undefined ? `,reconnect-ms=${d.reconnectMs}` : '';
   return ['-chardev', `socket,id=${id},path=${escape(d.socket)}${mode}`];
 }
 

@@ -124,6 +124,12 @@ class Port {
    * reached the kernel, so a backend killed meanwhile leaves it in the ring for its successor to send again.
    */
   held: DescriptorChain | null = null;
+  /**
+   * Which write the held chain waits for. Chain objects are pooled, so the flush callback of an earlier write
+   * (Node runs even synchronous writes' callbacks later) must not release a later chain in the same object.
+   */
+  writes = 0;
+  heldWrite = 0;
   readonly backlog: Uint8Array[] = [];
   backlogBytes = 0;
   dropped = 0;
@@ -209,18 +215,21 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
       const chain = queue.pop();
       if (chain === null) return;
       const bytes = readAll(chain);
-      out(port, bytes, () => releaseHeld(port, chain));
+      const write = ++port.writes;
+      out(port, bytes, () => releaseHeld(port, write));
       if (port.end.connected && port.end.unflushed > 0) {
         port.held = chain;
+        port.heldWrite = write;
         return;
       }
       queue.push(chain, 0);
     }
   };
 
-  /** The host end flushed `chain`'s bytes: they are with the kernel now, so the guest may have it back. */
-  const releaseHeld = (port: Port, chain: DescriptorChain): void => {
-    if (port.held !== chain) return; // given back at once, or to the ring on stop
+  /** The host end flushed the bytes of `write`: they are with the kernel now, so the guest may have its chain back. */
+  const releaseHeld = (port: Port, write: number): void => {
+    const chain = port.held;
+    if (chain === null || port.heldWrite !== write) return; // given back at once, or to the ring on stop
     port.held = null;
     const ctx = port.tx;
     if (ctx === null) return;
