@@ -28,6 +28,8 @@ export interface MachineSpec {
   /** Kernel command line words after the harness's own (console=ttyS0 ...). */
   append?: string[];
   memoryMiB: number;
+  /** DIMM slots for memory hot-plug (QMP device_add pc-dimm), each up to 256 MiB beyond memoryMiB. */
+  hotplugSlots?: number;
   cpus: number;
   /** From chooseAccel(). */
   accelArgs: string[];
@@ -97,7 +99,7 @@ export function machineArgs(m: MachineSpec): string[] {
     '-machine', 'q35',
     ...m.accelArgs,
     '-smp', String(m.cpus),
-    '-m', `${m.memoryMiB}M`,
+    '-m', m.hotplugSlots ? `${m.memoryMiB}M,slots=${m.hotplugSlots},maxmem=${m.memoryMiB + 256 * m.hotplugSlots}M` : `${m.memoryMiB}M`,
     '-object', `memory-backend-memfd,id=mem,size=${m.memoryMiB}M,share=on`,
     '-numa', 'node,memdev=mem',
     '-kernel', m.kernel,

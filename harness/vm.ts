@@ -19,6 +19,8 @@ export interface RunGuestOptions {
   /** Bound on the whole run, from spawning QEMU to the guest's exit line. */
   timeoutMs: number;
   memoryMiB?: number;
+  /** DIMM slots for memory hot-plug (see MachineSpec). */
+  hotplugSlots?: number;
   cpus?: number;
   accel?: Accel;
   onConsoleLine?: (line: string) => void;
@@ -127,7 +129,7 @@ async function stop(child: ChildProcess, graceMs: number): Promise<void> {
  */
 export function guestCommand(
   setup: HarnessSetup,
-  m: Pick<MachineSpec, 'accelArgs' | 'memoryMiB' | 'cpus' | 'devices' | 'scriptFile' | 'append' | 'extra'>,
+  m: Pick<MachineSpec, 'accelArgs' | 'memoryMiB' | 'hotplugSlots' | 'cpus' | 'devices' | 'scriptFile' | 'append' | 'extra'>,
 ): ReturnType<typeof qemuCommand> {
   return qemuCommand(setup.qemu, 'qemu-system-x86_64', machineArgs({ kernel: setup.guest.kernel, initrd: setup.guest.initrd, serial: { to: 'stdio' }, ...m }));
 }
@@ -147,6 +149,7 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestRun> {
       accelArgs: accel.args,
       scriptFile,
       memoryMiB: opts.memoryMiB ?? 512,
+      ...(opts.hotplugSlots ? { hotplugSlots: opts.hotplugSlots } : {}),
       cpus: opts.cpus ?? 2,
       devices: opts.devices ?? [],
       ...(opts.append ? { append: opts.append } : {}),

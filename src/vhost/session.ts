@@ -433,6 +433,7 @@ export class BackendSession {
       close(r.fd);
     }
     await this.replaceMemory([...this.regions, m], false);
+    this.log.info(`memory region added at guest 0x${m.guestPhysAddr.toString(16)}, ${m.size >> 20} MiB (${this.regions.length} regions)`);
   }
 
   private async removeMemRegion(r: MemoryRegionDesc, fd: number | null): Promise<void> {
@@ -442,6 +443,7 @@ export class BackendSession {
     const removed = this.regions[i];
     await this.replaceMemory(this.regions.filter((_, j) => j !== i), false);
     unmapRegion(removed);
+    this.log.info(`memory region removed at guest 0x${removed.guestPhysAddr.toString(16)} (${this.regions.length} regions)`);
   }
 
   /**
