@@ -220,6 +220,11 @@ export class PackedQueue implements RingQueue {
       this.walk(chain, slot, flags);
     }
     if (this.tracker !== null) this.tracker.fetched(chain.head, d32, this.desc16, slot, chain.descriptorCount);
+    return this.take(chain, top);
+  }
+
+  /** A validated chain leaves the pool (slot `top` - 1) for the device. */
+  private take(chain: DescriptorChain, top: number): DescriptorChain {
     this.idInFlight[chain.head] = 1;
     this.poolTop = top - 1;
     chain.inFlight = true;
@@ -413,12 +418,7 @@ export class PackedQueue implements RingQueue {
     chain.descriptorCount = n;
     chain.resubmitted = true;
     this.resubmitPos++;
-    this.idInFlight[chain.head] = 1;
-    this.poolTop = top - 1;
-    chain.inFlight = true;
-    this.inFlightCount++;
-    this.popped++;
-    return chain;
+    return this.take(chain, top);
   }
 
   /** The table of a packed indirect descriptor: consecutive entries, of whose flags only WRITE counts. */

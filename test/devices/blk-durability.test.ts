@@ -3,31 +3,20 @@
 // every flush the backend makes and when: a backend that skipped the fdatasync, or completed the FLUSH before it
 // returned, fails here. (Killing the backend after the status, as an earlier version of this test did, cannot
 // tell: the page cache survives a process kill.)
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { blkDevice } from '../../src/devices/blk/index.js';
 import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT } from '../../src/devices/blk/spec.js';
 import { VhostUserFrontend } from '../../src/frontend/index.js';
 import { VhostUserServer } from '../../src/vhost/index.js';
+import { fuseUnavailable, mountFuseDisk, type FuseDisk } from '../helpers/fuse-disk.js';
 
-const PYTHON = '/usr/bin/python3';
-const DISK_FS = fileURLToPath(new URL('./fixtures/faulty-disk.py', import.meta.url));
 const FSYNC_DELAY_MS = 300;
 
-function unavailable(): string | null {
-  if (!existsSync('/dev/fuse')) return '/dev/fuse is missing';
-  const probe = spawnSync(PYTHON, ['-c', 'import fusepy'], { encoding: 'utf8' });
-  if (probe.status !== 0) return 'python3-fusepy is not installed (apt-get install python3-fusepy libfuse2)';
-  return null;
-}
-const skipReason = unavailable();
+const skipReason = fuseUnavailable();
 if (skipReason !== null) console.warn(`SKIPPED: blk durability tests: ${skipReason}`);
-
-const isMounted = (path: string) => readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === path);
 
 function header(type: number, sector: number): Uint8Array {
   const b = new Uint8Array(16);
@@ -38,39 +27,17 @@ function header(type: number, sector: number): Uint8Array {
 
 describe.skipIf(skipReason !== null)('blk durability', () => {
   let dir: string;
-  let mnt: string;
   let fsyncLog: string;
-  let fuse: ChildProcess;
-  let fuseOutput = '';
+  let disk: FuseDisk;
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'vhost-ts-durable-'));
-    mnt = join(dir, 'mnt');
-    mkdirSync(mnt);
     fsyncLog = join(dir, 'fsync.log');
-    const backing = join(dir, 'backing.img');
-    writeFileSync(backing, '');
-    truncateSync(backing, 4 << 20);
-    fuse = spawn(PYTHON, [DISK_FS, backing, '0', '0', mnt, fsyncLog, String(FSYNC_DELAY_MS)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    fuse.stdout!.on('data', (d) => (fuseOutput += d));
-    fuse.stderr!.on('data', (d) => (fuseOutput += d));
-    const exited = new Promise<never>((_, reject) => fuse.once('exit', (code) => reject(new Error(`faulty-disk.py exited ${code}: ${fuseOutput}`))));
-    const deadline = Date.now() + 10_000;
-    while (!isMounted(mnt)) {
-      if (Date.now() > deadline) throw new Error(`faulty-disk.py did not mount within 10 s: ${fuseOutput}`);
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 20))]);
-    }
+    disk = await mountFuseDisk(dir, { size: 4 << 20, fsyncLog: { path: fsyncLog, delayMs: FSYNC_DELAY_MS } });
   }, 20_000);
 
   afterAll(async () => {
-    if (fuse && fuse.exitCode === null) {
-      const gone = new Promise((r) => fuse.once('exit', r));
-      fuse.kill('SIGTERM');
-      const timer = setTimeout(() => fuse.kill('SIGKILL'), 5000);
-      await gone;
-      clearTimeout(timer);
-    }
-    if (mnt && isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
+    await disk?.unmount();
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -87,7 +54,7 @@ describe.skipIf(skipReason !== null)('blk durability', () => {
   for (const opts of [{ engine: 'uring' as const }, { engine: 'uring' as const, direct: true }, { engine: 'sync' as const }]) {
     const name = `${opts.engine}${opts.direct ? ', O_DIRECT' : ''}`;
     it(`completes a FLUSH after the disk's flush returned, never before (${name})`, async () => {
-      const dev = blkDevice({ path: join(mnt, 'disk'), ...opts });
+      const dev = blkDevice({ path: disk.path, ...opts });
       const socket = join(dir, `${name.replace(/\W+/g, '-')}.sock`);
       const server = await VhostUserServer.start(dev, { socketPath: socket, log: { info() {}, warn() {}, error() {} } });
       const fe = await VhostUserFrontend.connect(socket);

@@ -1,33 +1,22 @@
 // A disk that fails with EIO in one range (a FUSE file with a bad patch): the guest gets VIRTIO_BLK_S_IOERR for
 // requests touching that range and only those; the queue is never marked broken and the disk keeps serving.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { blkDevice } from '../../src/devices/blk/index.js';
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from '../../src/devices/blk/spec.js';
 import { VhostUserFrontend } from '../../src/frontend/index.js';
 import { eventfdRead } from '../../src/sys/index.js';
 import { VhostUserServer, type Logger } from '../../src/vhost/index.js';
+import { fuseUnavailable, mountFuseDisk, type FuseDisk } from '../helpers/fuse-disk.js';
 
-const PYTHON = '/usr/bin/python3';
-const FAULTY = fileURLToPath(new URL('./fixtures/faulty-disk.py', import.meta.url));
 const DISK = 1 << 20;
 const BAD_OFFSET = 256 * 1024; // sectors 512..519 fail
 const BAD_LENGTH = 4096;
 
-function unavailable(): string | null {
-  if (!existsSync('/dev/fuse')) return '/dev/fuse is missing';
-  const probe = spawnSync(PYTHON, ['-c', 'import fusepy'], { encoding: 'utf8' });
-  if (probe.status !== 0) return 'python3-fusepy is not installed (apt-get install python3-fusepy libfuse2)';
-  return null;
-}
-const skipReason = unavailable();
+const skipReason = fuseUnavailable();
 if (skipReason !== null) console.warn(`SKIPPED: blk EIO tests: ${skipReason}`);
-
-const isMounted = (path: string) => readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === path);
 
 function header(type: number, sector: number): Uint8Array {
   const b = new Uint8Array(16);
@@ -38,37 +27,15 @@ function header(type: number, sector: number): Uint8Array {
 
 describe.skipIf(skipReason !== null)('blk on a disk with a bad range', () => {
   let dir: string;
-  let mnt: string;
-  let fuse: ChildProcess;
-  let fuseOutput = '';
+  let disk: FuseDisk;
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'vhost-ts-eio-'));
-    mnt = join(dir, 'mnt');
-    mkdirSync(mnt);
-    const backing = join(dir, 'backing.img');
-    writeFileSync(backing, '');
-    truncateSync(backing, DISK);
-    fuse = spawn(PYTHON, [FAULTY, backing, String(BAD_OFFSET), String(BAD_LENGTH), mnt], { stdio: ['ignore', 'pipe', 'pipe'] });
-    fuse.stdout!.on('data', (d) => (fuseOutput += d));
-    fuse.stderr!.on('data', (d) => (fuseOutput += d));
-    const exited = new Promise<never>((_, reject) => fuse.once('exit', (code) => reject(new Error(`faulty-disk.py exited ${code}: ${fuseOutput}`))));
-    const deadline = Date.now() + 10_000;
-    while (!isMounted(mnt)) {
-      if (Date.now() > deadline) throw new Error(`faulty-disk.py did not mount within 10 s: ${fuseOutput}`);
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 20))]);
-    }
+    disk = await mountFuseDisk(dir, { size: DISK, bad: { offset: BAD_OFFSET, length: BAD_LENGTH } });
   }, 20_000);
 
   afterAll(async () => {
-    if (fuse && fuse.exitCode === null) {
-      const gone = new Promise((r) => fuse.once('exit', r));
-      fuse.kill('SIGTERM');
-      const timer = setTimeout(() => fuse.kill('SIGKILL'), 5000);
-      await gone;
-      clearTimeout(timer);
-    }
-    if (mnt && isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
+    await disk?.unmount();
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -76,7 +43,7 @@ describe.skipIf(skipReason !== null)('blk on a disk with a bad range', () => {
     it(`answers IOERR for the bad range only and keeps serving (${engine} engine)`, async () => {
       const logs: string[] = [];
       const log: Logger = { info() {}, warn: (m) => logs.push(m), error: (m) => logs.push(m) };
-      const dev = blkDevice({ path: join(mnt, 'disk'), engine });
+      const dev = blkDevice({ path: disk.path, engine });
       const socket = join(dir, `${engine}.sock`);
       const server = await VhostUserServer.start(dev, { socketPath: socket, log });
       const fe = await VhostUserFrontend.connect(socket);

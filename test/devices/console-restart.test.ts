@@ -5,7 +5,6 @@
 // The new backend takes up the running driver: it adds the ports again, the driver answers PORT_READY, the host
 // side is announced closed then open; and between the old client and the new one, every byte the driver wrote
 // arrives (some may come twice, at the restart).
-import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
@@ -21,8 +20,8 @@ import {
   encodeControl,
 } from '../../src/devices/console/spec.js';
 import { VhostUserFrontend, type TestQueue } from '../../src/frontend/index.js';
+import { listening, startBackend, vhostTsBin } from '../helpers/backend-process.js';
 
-const bin = new URL('../../bin/vhost-ts.mjs', import.meta.url).pathname;
 const CHUNKS = 120;
 // Larger than a Unix socket's buffer takes in a few chunks: a client that stops reading backs the backend up.
 const CHUNK = 16384;
@@ -32,23 +31,6 @@ beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vhost-ts-console-restart-'));
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-async function backend(args: string[]): Promise<{ child: ChildProcess; log: () => string }> {
-  const child = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let log = '';
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`console did not listen within 20 s:\n${log}`)), 20_000);
-    child.stderr!.on('data', (d) => {
-      log += d;
-      if (log.includes('listening on')) {
-        clearTimeout(timer);
-        resolve();
-      }
-    });
-    child.once('exit', (code) => reject(new Error(`console exited (${code}):\n${log}`)));
-  });
-  return { child, log: () => log };
-}
 
 async function client(path: string): Promise<{ socket: Socket; data: () => Buffer; ended: Promise<unknown> }> {
   const socket = connect(path);
@@ -94,8 +76,9 @@ describe('console backend restart', () => {
     const sock = join(dir, 'c.sock');
     const data = join(dir, 'data.sock');
     const args = ['console', '--socket-path', sock, '--console', `file:${join(dir, 'hvc0.log')}`, '--port', `org.test.data=socket:${data}`];
-    let b = await backend(args);
-    const children = [b.child];
+    const start = () => startBackend([vhostTsBin, ...args], listening, 20_000);
+    let b = await start();
+    const children = [b];
     try {
       const first = await client(data);
       const fe1 = await VhostUserFrontend.connect(sock, { connectTimeoutMs: 20_000 });
@@ -128,16 +111,14 @@ describe('console backend restart', () => {
       }, 20_000).catch(() => {});
       await new Promise((r) => setTimeout(r, 300));
       expect(tx1.driver.pending).toBeGreaterThan(0);
-      const exited = once(b.child, 'exit');
-      b.child.kill('SIGKILL');
-      await exited;
+      await b.kill();
       const handover = fe1.handOver();
       // What the dead backend handed the kernel is still the old client's to read.
       first.socket.resume();
       await first.ended;
 
-      b = await backend(args);
-      children.push(b.child);
+      b = await start();
+      children.push(b);
       const second = await client(data);
       const fe2 = await VhostUserFrontend.connect(sock, { connectTimeoutMs: 20_000 });
       try {
@@ -184,13 +165,7 @@ describe('console backend restart', () => {
         second.socket.destroy();
       }
     } finally {
-      for (const c of children) {
-        if (c.exitCode === null && c.signalCode === null) {
-          const gone = once(c, 'exit');
-          c.kill('SIGKILL');
-          await gone;
-        }
-      }
+      for (const c of children) await c.kill();
     }
   }, 60_000);
 });

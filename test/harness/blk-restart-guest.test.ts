@@ -3,8 +3,6 @@
 // the inflight region. fio must finish without an error and its verify pass find every block intact: on a packed
 // ring (where QEMU has no fallback), on a split ring, and with completions forced out of ring order (where
 // QEMU's fallback, rewinding to used->idx, would run finished requests again and lose unfinished ones).
-import { spawn, type ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
 import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,8 +10,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { featureBitScript, RING_PACKED_BIT } from '../../harness/guest-features.js';
 import { ensureSetup, type HarnessSetup } from '../../harness/setup.js';
 import { liveQemuPids, runGuest } from '../../harness/vm.js';
+import { listening, startBackend as start, vhostTsBin, type BackendProcess } from '../helpers/backend-process.js';
 
-const bin = new URL('../../bin/vhost-ts.mjs', import.meta.url).pathname;
 const KILLS = 4;
 /** More kills, up to this many, until one lands with requests in flight (most land between requests). */
 const MAX_KILLS = 12;
@@ -39,48 +37,27 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('blk backend killed under 
     writeFileSync(image, '');
     truncateSync(image, 96 << 20);
     const socket = join(dir, `blk-${ring}-${order}.sock`);
-    const args = [bin, 'blk', '--socket-path', socket, '--image', image, '--direct', '--num-queues', '2', '--completion-order', order];
-    const logs: string[] = [];
-    let backend: ChildProcess | null = null;
-    /** Start a backend and resolve once it listens; its stderr goes to logs[k]. */
-    const startBackend = async (): Promise<ChildProcess> => {
-      const k = logs.push('') - 1;
-      const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-      backend = child;
-      await new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`backend ${k} did not listen within 30 s:\n${logs[k]}`)), 30_000);
-        child.stderr!.on('data', (d) => {
-          logs[k] += d;
-          if (logs[k].includes('listening on')) {
-            clearTimeout(timer);
-            resolve();
-          }
-        });
-        child.once('exit', (code, sig) => reject(new Error(`backend ${k} exited (${code ?? sig}) before listening:\n${logs[k]}`)));
-      });
-      return child;
+    const args = [vhostTsBin, 'blk', '--socket-path', socket, '--image', image, '--direct', '--num-queues', '2', '--completion-order', order];
+    const backends: BackendProcess[] = [];
+    const logs = (): string[] => backends.map((b) => b.log());
+    const startBackend = async (): Promise<void> => {
+      backends.push(await start(args, listening));
     };
-    const kill = async (child: ChildProcess): Promise<void> => {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = once(child, 'exit');
-      child.kill('SIGKILL');
-      await exited;
-    };
+    const current = (): BackendProcess => backends[backends.length - 1];
     // Kill and restart while fio writes: each backend serves a moment of I/O, then dies with requests in flight.
     const abort = new AbortController();
     let killer: Promise<void> | null = null;
     let kills = 0;
     let guestDone = false;
-    const resubmits = (): number[] => [...logs.join('\n').matchAll(/(\d+) requests were in flight/g)].map((m) => Number(m[1]));
+    const resubmits = (): number[] => [...logs().join('\n').matchAll(/(\d+) requests were in flight/g)].map((m) => Number(m[1]));
     const killLoop = async (): Promise<void> => {
       for (; (kills < KILLS || resubmits().length === 0) && kills < MAX_KILLS && !guestDone; kills++) {
-        const k = logs.length - 1;
         // Until the new backend has served requests (QEMU reconnected and started its queues), then a little more.
         const deadline = Date.now() + 60_000;
-        while (!/queue \d started/.test(logs[k]) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+        while (!/queue \d started/.test(current().log()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
         await new Promise((r) => setTimeout(r, 1000));
         if (guestDone) break;
-        await kill(backend!);
+        await current().kill();
         await startBackend();
       }
     };
@@ -96,10 +73,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('blk backend killed under 
         onConsoleLine: (line) => {
           if (line.includes('RESULT fio')) guestDone = true;
           if (line.includes('FIO-STARTED') && !killer) {
-            killer = killLoop().catch((e) => {
-              logs.push(`kill loop: ${(e as Error).message}`);
-              abort.abort(e);
-            });
+            killer = killLoop().catch((e) => abort.abort(e));
           }
         },
         script: `
@@ -115,11 +89,11 @@ echo "RESULT errors $(dmesg | grep -c -i 'i/o error' || true)"
       });
       await killer;
     } catch (e) {
-      throw new Error(`${(e as Error).message}\n--- backend logs ---\n${logs.map((l, i) => `[${i}]\n${l}`).join('\n')}`);
+      throw new Error(`${(e as Error).message}\n--- backend logs ---\n${logs().map((l, i) => `[${i}]\n${l}`).join('\n')}`);
     } finally {
-      await kill(backend!);
+      for (const b of backends) await b.kill();
     }
-    const detail = `\n--- backend logs ---\n${logs.map((l, i) => `[${i}]\n${l}`).join('\n')}`;
+    const detail = `\n--- backend logs ---\n${logs().map((l, i) => `[${i}]\n${l}`).join('\n')}`;
     expect(run.exitCode, detail).toBe(0);
     expect(run.results, detail).toContain(`packed ${ring === 'packed' ? 1 : 0}`);
     expect(run.results, `${run.console.slice(-3000)}${detail}`).toContain('fio ok');

@@ -1,16 +1,14 @@
 // Two guests pinging each other through one `vhost-ts net --switch` process, which is SIGKILLed and restarted
 // twice on the same sockets; QEMU reconnects (reconnect-ms) and the pings resume within 2 s each time. Frames in
 // flight when the switch died may be lost (that is Ethernet); the guests need nothing done to them.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureSetup, type HarnessSetup } from '../../harness/setup.js';
 import { liveQemuPids, runGuest } from '../../harness/vm.js';
+import { startBackend as start, vhostTsBin, type BackendProcess } from '../helpers/backend-process.js';
 
-const bin = new URL('../../bin/vhost-ts.mjs', import.meta.url).pathname;
 const RESTARTS = 2;
 const RESUME_MS = 2000;
 
@@ -28,32 +26,12 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net switch killed under g
     const macs = ['52:54:00:00:cc:01', '52:54:00:00:cc:02'];
     const ips = ['10.216.0.1', '10.216.0.2'];
     const sockets = macs.map((_, i) => join(dir, `port${i}.sock`));
-    const args = [bin, 'net', '--switch', 'restart-sw', ...sockets.flatMap((s) => ['--socket-path', s])];
-    const logs: string[] = [];
-    let backend: ChildProcess | null = null;
+    const args = [vhostTsBin, 'net', '--switch', 'restart-sw', ...sockets.flatMap((s) => ['--socket-path', s])];
+    const switches: BackendProcess[] = [];
     const startSwitch = async (): Promise<void> => {
-      const k = logs.push('') - 1;
-      const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-      backend = child;
-      await new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`switch ${k} did not listen within 30 s:\n${logs[k]}`)), 30_000);
-        child.stderr!.on('data', (d) => {
-          logs[k] += d;
-          if (sockets.every((s) => logs[k].includes(`listening on ${s}`))) {
-            clearTimeout(timer);
-            resolve();
-          }
-        });
-        child.once('exit', (code, sig) => reject(new Error(`switch ${k} exited (${code ?? sig}) before listening:\n${logs[k]}`)));
-      });
+      switches.push(await start(args, (log) => sockets.every((s) => log.includes(`listening on ${s}`))));
     };
-    const kill = async (): Promise<void> => {
-      const child = backend!;
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = once(child, 'exit');
-      child.kill('SIGKILL');
-      await exited;
-    };
+    const kill = (): Promise<void> => switches[switches.length - 1].kill();
 
     // Guest A's ping replies, timestamped as they reach the host.
     const replies: number[] = [];
@@ -106,10 +84,7 @@ echo "RESULT ping done"
           (line) => {
             if (line.startsWith('PING ') && line.includes('bytes from')) replies.push(Date.now());
             if (line.includes('PINGING') && !killer) {
-              killer = killLoop().catch((e) => {
-                logs.push(`kill loop: ${(e as Error).message}`);
-                abort.abort(e);
-              });
+              killer = killLoop().catch((e) => abort.abort(e));
             }
           },
         ),
@@ -121,9 +96,9 @@ sleep 40
       await killer;
       expect(a.exitCode).toBe(0);
     } catch (e) {
-      throw new Error(`${(e as Error).message}\n--- switch logs ---\n${logs.join('\n---\n')}`);
+      throw new Error(`${(e as Error).message}\n--- switch logs ---\n${switches.map((b) => b.log()).join('\n---\n')}`);
     } finally {
-      await kill();
+      for (const b of switches) await b.kill();
     }
     console.log(`net switch restarts: pings resumed ${gaps.map((g) => `${g} ms`).join(', ')} after the switch listened again`);
     expect(gaps).toHaveLength(RESTARTS);

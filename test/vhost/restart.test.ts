@@ -4,58 +4,31 @@
  * inflight tracking the guest gets every request back exactly once; without it, on a split ring, QEMU's rewind
  * to used->idx runs again requests the guest already has and never the ones still missing.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { FrontendError, VhostUserFrontend, type TestQueue, type UsedElement } from '../../src/frontend/index.js';
+import { listening, startBackend, type BackendProcess } from '../helpers/backend-process.js';
 import { MARK } from './fixtures/hold-backend.js';
 
 const fixture = new URL('./fixtures/hold-backend.ts', import.meta.url).pathname;
 
 let dir: string;
-const children: ChildProcess[] = [];
+const children: BackendProcess[] = [];
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vhost-ts-restart-'));
 });
 afterEach(async () => {
-  for (const c of children.splice(0)) {
-    if (c.exitCode === null && c.signalCode === null) {
-      const exited = once(c, 'exit');
-      c.kill('SIGKILL');
-      await exited;
-    }
-  }
+  for (const c of children.splice(0)) await c.kill();
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-/** Start a backend process and wait (bounded) until it listens. */
-async function backend(socket: string, mode: 'hold-even' | 'in-order', inflight = true): Promise<{ child: ChildProcess; log: () => string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', fixture, socket, mode, ...(inflight ? [] : ['--no-inflight'])], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  children.push(child);
-  let log = '';
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`backend did not listen within 20 s:\n${log}`)), 20_000);
-    child.stderr!.on('data', (d) => {
-      log += d;
-      if (log.includes('listening on')) {
-        clearTimeout(timer);
-        resolve();
-      }
-    });
-    child.once('exit', (code) => reject(new Error(`backend exited (${code}):\n${log}`)));
-  });
-  return { child, log: () => log };
-}
-
-async function kill(child: ChildProcess): Promise<void> {
-  const exited = once(child, 'exit');
-  child.kill('SIGKILL');
-  await exited;
+/** A backend process of the hold device, listening. */
+async function backend(socket: string, mode: 'hold-even' | 'in-order', inflight = true): Promise<BackendProcess> {
+  const b = await startBackend(['--import', 'tsx', fixture, socket, mode, ...(inflight ? [] : ['--no-inflight'])], listening, 20_000);
+  children.push(b);
+  return b;
 }
 
 function post(q: TestQueue, tags: number[]): void {
@@ -77,7 +50,7 @@ describe.each(['split', 'packed'] as const)('backend restart with chains in flig
     const done1 = await q.waitForUsed(6, 10_000);
     // Out of ring order: the dead backend's batch came back reversed.
     expect(done1.map((u) => tagOf(q, u))).toEqual([11, 9, 7, 5, 3, 1]);
-    await kill(first.child);
+    await first.kill();
     const handover = fe1.handOver();
 
     const second = await backend(socket, 'in-order');
@@ -105,7 +78,7 @@ describe('without inflight tracking', () => {
     expect(fe1.inflight).toBeNull();
     post(q, range(1, 12));
     await q.waitForUsed(6, 10_000);
-    await kill(first.child);
+    await first.kill();
     const handover = fe1.handOver();
     await backend(socket, 'in-order', false);
     const fe2 = await VhostUserFrontend.connect(socket, { connectTimeoutMs: 20_000 });

@@ -229,6 +229,20 @@ describe('queues', () => {
   });
 });
 
+/** The backend's connection to a frontend listening on `listener` (client mode), within 10 s. */
+function acceptOnce(listener: number): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('backend never connected')), 10_000);
+    const w = sys.watchReadable(listener, () => {
+      const fd = sys.unixAccept(listener);
+      if (fd < 0) return;
+      clearTimeout(timer);
+      w.close();
+      resolve(fd);
+    });
+  });
+}
+
 describe('server', () => {
   it('replaces a stale socket file, refuses a live one and a non-socket file', async () => {
     // A stale socket: bound, then its listener closed without unlinking.
@@ -253,16 +267,7 @@ describe('server', () => {
     const server = await serve(rngDevice(), { connectPath: path, retryMs: 20 });
     const listener = sys.unixListen(path);
     try {
-      const accepted = await new Promise<number>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error('backend never connected')), 5000);
-        const w = sys.watchReadable(listener, () => {
-          const fd = sys.unixAccept(listener);
-          if (fd < 0) return;
-          clearTimeout(timer);
-          w.close();
-          resolve(fd);
-        });
-      });
+      const accepted = await acceptOnce(listener);
       expect(server.connected).toBe(true);
       sys.close(accepted);
       await once(server, 'disconnected');
@@ -272,22 +277,11 @@ describe('server', () => {
   });
 
   it('client mode: when the frontend goes away and comes back, the backend reconnects by itself and serves it', async () => {
-    const accept = (listener: number): Promise<number> =>
-      new Promise<number>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error('backend never connected')), 10_000);
-        const w = sys.watchReadable(listener, () => {
-          const fd = sys.unixAccept(listener);
-          if (fd < 0) return;
-          clearTimeout(timer);
-          w.close();
-          resolve(fd);
-        });
-      });
     const server = await serve(fillDevice(0x5a, 'worker'), { connectPath: path, retryMs: 10, maxRetryMs: 80 });
     for (let generation = 0; generation < 3; generation++) {
       // QEMU with server=on: it listens, we connect; then it is killed (socket gone) and started again later.
       const listener = sys.unixListen(path);
-      const fe = new VhostUserFrontend(await accept(listener));
+      const fe = new VhostUserFrontend(await acceptOnce(listener));
       try {
         const [q] = await fe.start({ queues: [{ index: 0, size: 16 }] });
         const chain = q.add({ writable: [32] });
