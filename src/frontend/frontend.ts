@@ -12,7 +12,11 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import {
   SysError,
   close,
+  memfdCreate,
+  mmapShared,
+  munmap,
   sendMessage,
+  viewOf,
   unixConnect,
   unixSocketPair,
   watchReadable,
@@ -205,6 +209,7 @@ export class VhostUserFrontend {
   private ownsMemory = false;
   /** The inflight region in use (its fd is ours), when INFLIGHT_SHMFD was negotiated. */
   inflight: InflightRegion | null = null;
+  private readonly logMappings: { address: number; size: number }[] = [];
 
   private backendFd = -1;
   private backendReader: MessageReader | null = null;
@@ -491,8 +496,29 @@ export class VhostUserFrontend {
     await this.set({ type: 'SET_VRING_BASE', index, num });
   }
 
-  async setVringAddr(queue: TestQueue): Promise<void> {
-    await this.set({ type: 'SET_VRING_ADDR', ...queue.vringAddr() });
+  /** SET_VRING_ADDR; `log` sets VHOST_VRING_F_LOG with the used ring's guest address as log_guest_addr, as QEMU does. */
+  async setVringAddr(queue: TestQueue, log = false): Promise<void> {
+    const addr = queue.vringAddr();
+    await this.set({ type: 'SET_VRING_ADDR', ...addr, ...(log ? { ringFlags: 1, logGuestAddr: queue.layout.usedAddr } : {}) });
+  }
+
+  /**
+   * SET_LOG_BASE with a fresh shared log covering guest addresses up to `maxGpa` (one bit per 4 KiB page, as
+   * QEMU sizes it); the log is this front-end's, unmapped on close. Returns its bytes.
+   */
+  async setLogBase(maxGpa: number): Promise<Uint8Array> {
+    const size = Math.ceil(maxGpa / (4096 * 64)) * 8;
+    const fd = memfdCreate('vhost-ts test dirty log', size);
+    try {
+      const address = mmapShared(fd, size, 0);
+      this.logMappings.push({ address, size });
+      // QEMU waits for the reply (a u64) whatever REPLY_ACK says.
+      const reply = await this.request({ type: 'SET_LOG_BASE', mmapSize: size, mmapOffset: 0, fd });
+      if (reply?.kind !== 'ack' || reply.status !== 0) throw new FrontendError('BROKEN', `SET_LOG_BASE: the back-end answered ${JSON.stringify(reply)}`);
+      return new Uint8Array(viewOf(address, size));
+    } finally {
+      close(fd);
+    }
   }
 
   /** fd null sends NOFD (polling mode for kick; no signalling for call and err). */
@@ -820,6 +846,7 @@ export class VhostUserFrontend {
     for (const q of this.queues) q.close();
     if (this.inflight) close(this.inflight.fd);
     this.inflight = null;
+    for (const m of this.logMappings.splice(0)) munmap(m.address, m.size);
     if (this.ownsMemory) this.memory?.close();
   }
 }

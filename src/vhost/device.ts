@@ -30,7 +30,7 @@
  * ```
  */
 import type { Virtqueue } from '../virtqueue/index.js';
-import { VHOST_USER_F_PROTOCOL_FEATURES } from './protocol.js';
+import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES } from './protocol.js';
 
 /** Virtio feature bits the framework itself implements and offers for every device. */
 export const VIRTIO_F_ANY_LAYOUT = 27;
@@ -48,6 +48,8 @@ export const FRAMEWORK_FEATURES =
   bit(VIRTIO_RING_F_EVENT_IDX) |
   bit(VIRTIO_F_VERSION_1) |
   bit(VIRTIO_F_RING_PACKED) |
+  // Dirty logging for live migration: the framework logs every device write (LOG_SHMFD).
+  bit(VHOST_F_LOG_ALL) |
   bit(VHOST_USER_F_PROTOCOL_FEATURES);
 
 export interface DataPlane<O> {

@@ -4,7 +4,7 @@
  * (every request is acknowledged before the session moves on).
  */
 import { eventfdWrite, viewOf } from '../sys/index.js';
-import { GuestMemory, PackedQueue, SplitQueue, VirtqueueError, type RingQueue } from '../virtqueue/index.js';
+import { DirtyLog, GuestMemory, PackedQueue, SplitQueue, VirtqueueError, type RingQueue } from '../virtqueue/index.js';
 import type { QueueContext, QueueHandler, QueueHandlerFactory } from './device.js';
 import { guestMemoryOf, type MappedRegion } from './memory-map.js';
 
@@ -28,6 +28,8 @@ export interface QueueStartConfig {
   enabled: boolean;
   /** This queue's part of the frontend's inflight region (INFLIGHT_SHMFD), mapped by the session; null: none. */
   inflight?: { address: number; length: number; descNum: number } | null;
+  /** VHOST_VRING_F_LOG: where the ring's writes are logged (log_guest_addr); -1: not logged. */
+  usedLogAddr?: number;
 }
 
 /** Control requests from the session to a runner, answered in order. */
@@ -40,7 +42,13 @@ export type RunnerRequest =
   | { op: 'errFd'; index: number; fd: number }
   | { op: 'enable'; index: number; enabled: boolean }
   /** Between sessions: stop whatever still runs, drop the memory views, forget stopped queues. */
-  | { op: 'reset' };
+  | { op: 'reset' }
+  /** The dirty log (SET_LOG_BASE), mapped by the session at `address`; length 0: none. */
+  | { op: 'log'; address: number; length: number }
+  /** VHOST_F_LOG_ALL on or off (SET_FEATURES): whether writes are logged at all. */
+  | { op: 'logging'; enabled: boolean }
+  /** A running ring's VHOST_VRING_F_LOG (SET_VRING_ADDR): its log_guest_addr, or -1. */
+  | { op: 'ringLog'; index: number; usedLogAddr: number };
 
 /** 'stop' answers the vring base to resume from (-1: the queue was not running); the others answer 0. */
 export type RunnerReply = { ok: true; value: number } | { ok: false; error: string };
@@ -60,9 +68,12 @@ interface RunningQueue {
   callFd: number;
   errFd: number;
   enabled: boolean;
+  usedLogAddr: number;
 }
 
 export class QueueRunner {
+  private dirtyLog: DirtyLog | null = null;
+  private logAll = false;
   private memory = GuestMemory.empty();
   private regions: MappedRegion[] = [];
   private readonly queues = new Map<number, RunningQueue>();
@@ -120,6 +131,22 @@ export class QueueRunner {
         this.droppedAt.clear();
         this.memory = GuestMemory.empty();
         this.regions = [];
+        this.dirtyLog = null;
+        this.logAll = false;
+        return 0;
+      case 'log':
+        this.dirtyLog = req.length > 0 ? new DirtyLog(new Uint8Array(viewOf(req.address, req.length))) : null;
+        for (const rq of this.queues.values()) this.applyLog(rq);
+        return 0;
+      case 'logging':
+        this.logAll = req.enabled;
+        for (const rq of this.queues.values()) this.applyLog(rq);
+        return 0;
+      case 'ringLog':
+        this.running(req.index, (rq) => {
+          rq.usedLogAddr = req.usedLogAddr;
+          this.applyLog(rq);
+        });
         return 0;
     }
   }
@@ -196,7 +223,8 @@ export class QueueRunner {
     const queue: RingQueue = c.packed
       ? new PackedQueue({ ...ring, driverAddr: c.availAddr, deviceAddr: c.usedAddr, base: c.base })
       : new SplitQueue({ ...ring, availAddr: c.availAddr, usedAddr: c.usedAddr, lastAvailIdx: c.base });
-    const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled };
+    const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled, usedLogAddr: c.usedLogAddr ?? -1 };
+    this.applyLog(rq);
     const ctx: QueueContext = {
       queueIndex: c.index,
       queue,
@@ -250,10 +278,16 @@ export class QueueRunner {
     this.stopHandler(rq, index);
     try {
       this.publish(rq);
+      // Its last writes (notification flags after the last publish) reach the migration's final pass.
+      rq.queue.logRing();
     } catch (e) {
       this.env.log(`queue ${index}: publish on stop failed: ${(e as Error).message}`);
     }
     return rq.queue.vringBase();
+  }
+
+  private applyLog(rq: RunningQueue): void {
+    rq.queue.setLog(this.logAll ? this.dirtyLog : null, rq.usedLogAddr);
   }
 
   private stopHandler(rq: RunningQueue, index: number): void {

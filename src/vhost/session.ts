@@ -15,7 +15,7 @@ import { bit, FRAMEWORK_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX,
 import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
 import type { Connection, RawMessage } from './connection.js';
 import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } from './memory-map.js';
-import { FrontendRequest, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, alwaysReplies, frontendRequestSpec } from './protocol.js';
+import { FrontendRequest, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, alwaysReplies, frontendRequestSpec } from './protocol.js';
 import type { QueueStartConfig } from './queue-runner.js';
 import type { RunnerHost } from './runner-host.js';
 import { RunnerPool } from './runner-pool.js';
@@ -47,6 +47,8 @@ interface QueueState {
   availUser: number;
   usedUser: number;
   addrSet: boolean;
+  /** VHOST_VRING_F_LOG set: the ring's log_guest_addr; else -1. */
+  usedLogAddr: number;
   base: number;
   kickFd: number;
   callFd: number;
@@ -56,7 +58,7 @@ interface QueueState {
 }
 
 function freshQueue(): QueueState {
-  return { size: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false };
+  return { size: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, usedLogAddr: -1, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false };
 }
 
 /** The frontend's inflight region (SET_INFLIGHT_FD), mapped: one per-queue region after another. */
@@ -87,6 +89,9 @@ export class BackendSession {
   private readonly groupOf: number[];
   private backendReqFd = -1;
   private inflight: InflightMapping | null = null;
+  /** The dirty log (SET_LOG_BASE), mapped; and the eventfd of SET_LOG_FD. */
+  private dirtyLog: { mapAddress: number; mapLength: number; address: number; length: number } | null = null;
+  private logFd = -1;
   private closed = false;
   private readonly handlers: HandlerTable;
 
@@ -134,7 +139,8 @@ export class BackendSession {
       pf(ProtocolFeature.BACKEND_REQ) |
       pf(ProtocolFeature.RESET_DEVICE) |
       pf(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
-      pf(ProtocolFeature.STATUS);
+      pf(ProtocolFeature.STATUS) |
+      pf(ProtocolFeature.LOG_SHMFD);
     if (this.device.configSize !== undefined && this.device.readConfig) f |= pf(ProtocolFeature.CONFIG);
     if (this.device.inflightTracking) f |= pf(ProtocolFeature.INFLIGHT_SHMFD);
     return f | (this.device.protocolFeatures ?? 0n);
@@ -199,6 +205,7 @@ export class BackendSession {
     for (const r of this.regions) unmapRegion(r);
     this.regions = [];
     this.unmapInflight();
+    this.unmapLog();
     for (const q of this.queues) closeQueueFds(q);
     if (this.backendReqFd >= 0) close(this.backendReqFd);
     this.backendReqFd = -1;
@@ -235,8 +242,12 @@ export class BackendSession {
       SET_FEATURES: (m) => {
         const extra = m.features & ~this.offeredFeatures;
         if (extra !== 0n) throw new RequestFailed(`features 0x${extra.toString(16)} were never offered`);
+        const logAll = (m.features & bit(VHOST_F_LOG_ALL)) !== 0n;
+        const wasLogging = (this.features & bit(VHOST_F_LOG_ALL)) !== 0n;
         this.features = m.features;
         this.device.featuresNegotiated?.(m.features);
+        // Migration turns logging on (and off again when it fails or is cancelled) while the queues run.
+        if (logAll !== wasLogging) return this.toHosts({ op: 'logging', enabled: logAll });
       },
       GET_PROTOCOL_FEATURES: () => ({ kind: 'features', features: this.offeredProtocolFeatures }),
       SET_PROTOCOL_FEATURES: (m) => {
@@ -261,12 +272,15 @@ export class BackendSession {
         }
         q.size = m.num;
       },
-      SET_VRING_ADDR: (m) => {
+      SET_VRING_ADDR: async (m) => {
         const q = this.queue(m.index);
         q.descUser = m.descUserAddr;
         q.availUser = m.availUserAddr;
         q.usedUser = m.usedUserAddr;
         q.addrSet = true;
+        // VHOST_VRING_F_LOG: QEMU sets it on running rings when a migration starts.
+        q.usedLogAddr = (m.ringFlags & 1) !== 0 ? m.logGuestAddr : -1;
+        if (q.started) await this.toHost(m.index, { op: 'ringLog', index: m.index, usedLogAddr: q.usedLogAddr });
       },
       SET_VRING_BASE: (m) => {
         const q = this.queue(m.index);
@@ -327,6 +341,15 @@ export class BackendSession {
         this.status = m.status & 0xff;
       },
       GET_STATUS: () => ({ kind: 'u64', value: this.status }),
+      SET_LOG_BASE: (m) => this.setLogBase(m),
+      SET_LOG_FD: (m) => {
+        if (!isEventfd(m.fd)) {
+          close(m.fd);
+          throw new RequestFailed('the log fd is not an eventfd');
+        }
+        if (this.logFd >= 0) close(this.logFd);
+        this.logFd = m.fd;
+      },
       GET_INFLIGHT_FD: (m) => this.newInflightRegion(m.numQueues, m.queueSize),
       SET_INFLIGHT_FD: (m) => this.setInflightRegion(m),
       SEND_RARP: (m) => {
@@ -345,6 +368,44 @@ export class BackendSession {
     } finally {
       if (old >= 0) close(old);
     }
+  }
+
+  /**
+   * SET_LOG_BASE (LOG_SHMFD): map the frontend's dirty log and hand it to every queue thread; the old one is
+   * unmapped once none uses it. QEMU waits for the reply before it turns logging on.
+   */
+  private async setLogBase(m: FrontendMessageOf<'SET_LOG_BASE'>): Promise<ReplyPayload> {
+    if (m.fd === null) throw new RequestFailed('SET_LOG_BASE without a log fd: only the shared-memory log (LOG_SHMFD) is supported');
+    let mapped: { mapAddress: number; mapLength: number; address: number; length: number };
+    try {
+      if (!this.has(ProtocolFeature.LOG_SHMFD)) throw new RequestFailed('LOG_SHMFD was not negotiated');
+      const mapLength = m.mmapOffset + m.mmapSize;
+      if (m.mmapSize === 0 || !Number.isSafeInteger(mapLength)) throw new RequestFailed(`a log of ${m.mmapSize} bytes at offset ${m.mmapOffset}`);
+      const st = fstatSync(m.fd);
+      // Past the end of its file a shared mapping is SIGBUS.
+      if (!st.isFile() || st.size < mapLength) throw new RequestFailed(`the log fd holds ${st.size} bytes, the log needs ${mapLength}`);
+      const mapAddress = mmapShared(m.fd, mapLength, 0);
+      mapped = { mapAddress, mapLength, address: mapAddress + m.mmapOffset, length: m.mmapSize };
+    } finally {
+      close(m.fd);
+    }
+    const old = this.dirtyLog;
+    this.dirtyLog = mapped;
+    await this.toHosts({ op: 'log', address: mapped.address, length: mapped.length });
+    if (old) munmap(old.mapAddress, old.mapLength);
+    return { kind: 'ack', status: 0 };
+  }
+
+  private unmapLog(): void {
+    if (this.dirtyLog) munmap(this.dirtyLog.mapAddress, this.dirtyLog.mapLength);
+    this.dirtyLog = null;
+    if (this.logFd >= 0) close(this.logFd);
+    this.logFd = -1;
+  }
+
+  /** A request for every queue thread this session uses. */
+  private async toHosts(req: Parameters<RunnerHost['request']>[0]): Promise<void> {
+    for (const host of this.hosts.values()) await (await host).request(req);
   }
 
   private inflightQueueBytes(queueSize: number): number {
@@ -467,6 +528,8 @@ export class BackendSession {
     this.status = 0;
     // The frontend gets a new region after a reset (QEMU frees its copy).
     this.unmapInflight();
+    await this.toHosts({ op: 'log', address: 0, length: 0 });
+    this.unmapLog();
     this.device.reset?.();
   }
 
@@ -514,6 +577,7 @@ export class BackendSession {
       errFd: q.errFd,
       enabled: q.enabled,
       inflight: this.inflightFor(index, q.size),
+      usedLogAddr: q.usedLogAddr,
     };
     try {
       await this.toHost(index, { op: 'start', config });
@@ -544,6 +608,8 @@ export class BackendSession {
     if (!host) {
       host = this.pool.host(group).then(async (h) => {
         if (this.regions.length > 0) await h.request({ op: 'memory', regions: this.regions });
+        if (this.dirtyLog) await h.request({ op: 'log', address: this.dirtyLog.address, length: this.dirtyLog.length });
+        if ((this.features & bit(VHOST_F_LOG_ALL)) !== 0n) await h.request({ op: 'logging', enabled: true });
         return h;
       });
       this.hosts.set(group, host);

@@ -7,5 +7,6 @@ export * from './split-queue.js';
 export * from './packed-queue.js';
 export * from './inflight-split.js';
 export * from './inflight-packed.js';
+export * from './dirty-log.js';
 export * from './driver.js';
 export * from './packed-driver.js';

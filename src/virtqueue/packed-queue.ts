@@ -14,6 +14,7 @@
 import { DescriptorChain } from './chain.js';
 import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
+import type { DirtyLog } from './dirty-log.js';
 import { PackedInflight } from './inflight-packed.js';
 import { appendBuffer, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
@@ -124,6 +125,8 @@ export class PackedQueue implements RingQueue {
   private savedEntries: Uint16Array = new Uint16Array(0);
   /** Chains found in flight at start (from the inflight region), to run again. */
   readonly recovered: number = 0;
+  private log: DirtyLog | null = null;
+  private usedLogAddr = -1;
 
   constructor(cfg: PackedQueueConfig) {
     this.index = cfg.index;
@@ -240,6 +243,7 @@ export class PackedQueue implements RingQueue {
     const id = chain.head;
     this.idInFlight[id] = 0;
     if (this.tracker !== null) this.tracker.completed(id);
+    if (this.log !== null) this.log.chainWrites(chain, written);
     const slot = this.usedIdx;
     const w = 4 * slot;
     this.desc16[2 * w + 6] = id;
@@ -291,6 +295,7 @@ export class PackedQueue implements RingQueue {
     if (this.tracker !== null) this.tracker.beforeCommit(this.usedIdx, this.usedWrap);
     Atomics.store(this.desc16, 8 * this.firstSlot + 7, this.firstFlags);
     if (this.tracker !== null) this.tracker.afterCommit();
+    if (this.log !== null) this.logRing();
     this.pendingCount = 0;
     const advance = this.pendingAdvance;
     this.pendingAdvance = 0;
@@ -327,6 +332,20 @@ export class PackedQueue implements RingQueue {
       Atomics.store(this.device16, 1, EVENT_ENABLE);
     }
     return this.hasAvailable();
+  }
+
+  setLog(log: DirtyLog | null, usedLogAddr: number): void {
+    this.log = log;
+    this.usedLogAddr = usedLogAddr;
+    this.logRing();
+  }
+
+  logRing(): void {
+    if (this.log === null || this.usedLogAddr < 0) return;
+    // Used descriptors go into the descriptor ring: logged by their own address, not log_guest_addr (which is
+    // the Device Area's, where our event suppression writes go).
+    this.log.mark(this.descAddr, DESC_SIZE * this.size);
+    this.log.mark(this.usedLogAddr, 4);
   }
 
   vringBase(): number {

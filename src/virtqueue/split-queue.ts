@@ -12,6 +12,7 @@
 import { DescriptorChain } from './chain.js';
 import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
+import type { DirtyLog } from './dirty-log.js';
 import { SplitInflight } from './inflight-split.js';
 import { appendBuffer, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
@@ -106,6 +107,8 @@ export class SplitQueue implements RingQueue {
   private resubmitPos = 0;
   /** Chains found in flight at start (from the inflight region), to run again. */
   readonly recovered: number = 0;
+  private log: DirtyLog | null = null;
+  private usedLogAddr = -1;
 
   constructor(cfg: SplitQueueConfig) {
     this.index = cfg.index;
@@ -253,6 +256,7 @@ export class SplitQueue implements RingQueue {
     u32[at] = chain.head;
     u32[at + 1] = written;
     if (this.tracker !== null) this.tracker.completed(chain.head);
+    if (this.log !== null) this.log.chainWrites(chain, written);
     this.usedIdx = (used + 1) & 0xffff;
     this.pool[this.poolTop++] = chain;
   }
@@ -281,6 +285,7 @@ export class SplitQueue implements RingQueue {
     this.publishedIdx = now;
     Atomics.store(this.used16, 1, now); // full barrier: the reads below see the driver's latest state
     if (this.tracker !== null) this.tracker.published(now);
+    if (this.log !== null) this.logRing();
     if (!this.eventIdx) return (Atomics.load(this.avail16, 0) & AVAIL_F_NO_INTERRUPT) === 0;
     const old = this.signalledUsed;
     const valid = this.signalledUsedValid;
@@ -304,6 +309,18 @@ export class SplitQueue implements RingQueue {
     if (this.eventIdx) Atomics.store(this.used16, 2 + 4 * this.size, this.lastAvailIdx);
     else Atomics.store(this.used16, 0, 0);
     return this.hasAvailable();
+  }
+
+  setLog(log: DirtyLog | null, usedLogAddr: number): void {
+    this.log = log;
+    this.usedLogAddr = usedLogAddr;
+    this.logRing();
+  }
+
+  logRing(): void {
+    // The whole used ring (flags, idx, elements, avail_event): a page or two, and what we write between
+    // publishes (flags, avail_event) is covered too.
+    if (this.log !== null && this.usedLogAddr >= 0) this.log.mark(this.usedLogAddr, 6 + 8 * this.size);
   }
 
   /** After a guest-memory reconnect: forget what was signalled, so the next publish notifies. */

@@ -15,6 +15,7 @@
  * ```
  */
 import type { DescriptorChain } from './chain.js';
+import type { DirtyLog } from './dirty-log.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { VirtqueueError } from './errors.js';
 
@@ -66,4 +67,11 @@ export interface RingQueue extends Virtqueue {
   vringBase(): number;
   /** Chains the inflight region held at start (before a restart, in flight): they are popped again first. */
   readonly recovered: number;
+  /**
+   * Log writes into guest memory in `log` (null: stop): what each push wrote, and with `usedLogAddr` >= 0
+   * (VHOST_VRING_F_LOG, the ring's log_guest_addr) the ring's own writes.
+   */
+  setLog(log: DirtyLog | null, usedLogAddr: number): void;
+  /** Mark the ring's device-written parts dirty once more (after the last writes, when the queue stops). */
+  logRing(): void;
 }
