@@ -11,6 +11,7 @@ export const backendOptions = {
   connect: { type: 'string' },
   'print-capabilities': { type: 'boolean' },
   'no-packed': { type: 'boolean' },
+  control: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const satisfies NonNullable<ParseArgsConfig['options']>;
 
@@ -19,7 +20,9 @@ export const backendUsage = `  --socket-path PATH      listen for the frontend o
   --connect PATH          connect to a frontend listening on PATH (retried until it answers)
   --print-capabilities    print the backend's capabilities as JSON and exit
   --no-packed             offer split virtqueues only (packed rings are offered by default; the frontend decides:
-                          QEMU's packed=on, which its generic vhost-user devices do not consult)`;
+                          QEMU's packed=on, which its generic vhost-user devices do not consult)
+  --control PATH          serve the control API on this Unix socket (vhost-ts ctl PATH stats; messages in
+                          proto/vhost_ts/control.proto)`;
 
 export class UsageError extends Error {
   override readonly name = 'UsageError';

@@ -9,6 +9,8 @@ import { rngDevice } from '../src/devices/rng/index.js';
 import { VhostUserServer } from '../src/vhost/index.js';
 import { setupMain } from '../harness/setup.js';
 import { backendOptions, backendUsage, serveOptionsOf, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
+import { ControlServer } from '../src/control/index.js';
+import { ctlMain } from './ctl.js';
 import { demoMain } from './demo.js';
 import { vmMain } from './vm.js';
 
@@ -28,6 +30,7 @@ the main job:
 tools:
   setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
   vm         boot the test guest with vhost-ts devices attached (--rng, --blk IMAGE, --script FILE, --shell)
+  ctl        talk to a running backend's control API: vhost-ts ctl PATH (list | stats | blk-resize SIZE) [--json]
 
 common device options:
 ${backendUsage}
@@ -108,6 +111,7 @@ async function main(argv: string[]): Promise<number> {
   if (command === 'setup') return setupMain(rest);
   if (command === 'vm') return vmMain(rest);
   if (command === 'demo') return demoMain(rest);
+  if (command === 'ctl') return ctlMain(rest, byteSize);
   const dev = devices[command];
   if (!dev) throw new UsageError(`unknown command "${command}"`);
   const { values } = parseArgs({ args: rest, options: { ...backendOptions, ...dev.options }, strict: true });
@@ -129,8 +133,9 @@ async function main(argv: string[]): Promise<number> {
     for (const s of servers) await s.close();
     throw e;
   }
+  const control = typeof values.control === 'string' ? await ControlServer.start(values.control, servers) : null;
   await new Promise<void>((resolve) => {
-    const stop = () => void Promise.all(servers.map((s) => s.close())).then(() => resolve());
+    const stop = () => void Promise.all([...servers.map((s) => s.close()), control?.close()]).then(() => resolve());
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
     // An inherited connected fd serves one frontend: when every server is done, so is the program.

@@ -30,7 +30,13 @@ export interface QueueStartConfig {
   inflight?: { address: number; length: number; descNum: number } | null;
   /** VHOST_VRING_F_LOG: where the ring's writes are logged (log_guest_addr); -1: not logged. */
   usedLogAddr?: number;
+  /** Counters the runner keeps for the session (see QueueStat), shared with the main thread. */
+  stats?: SharedArrayBuffer;
 }
+
+/** Slots of a queue's stats array (Float64Array over QueueStartConfig.stats). */
+export const QueueStat = { chains: 0, bytes: 1, kicks: 2, notifications: 3, suppressed: 4, broken: 5 } as const;
+export const QUEUE_STATS = 6;
 
 /** Control requests from the session to a runner, answered in order. */
 export type RunnerRequest =
@@ -56,7 +62,7 @@ export type RunnerReply = { ok: true; value: number } | { ok: false; error: stri
 /** What the hosting thread provides: fd watching in its own event loop. */
 export interface RunnerEnvironment {
   watch(fd: number, onReadable: () => void): { close(): void };
-  /** Start or stop watching a queue's kick fd; the host calls runner.kick(index) when it fires. */
+  /** Start or stop watching a queue's kick fd; the host calls runner.kicked(index) when it fires. */
   watchKick(index: number, fd: number): void;
   unwatchKick(index: number): void;
   log(message: string): void;
@@ -69,6 +75,9 @@ interface RunningQueue {
   errFd: number;
   enabled: boolean;
   usedLogAddr: number;
+  /** The session's counters, and what of the queue's own totals they already hold. */
+  stats: Float64Array | null;
+  counted: { done: number; bytes: number; suppressed: number };
 }
 
 export class QueueRunner {
@@ -151,6 +160,13 @@ export class QueueRunner {
     }
   }
 
+  /** The driver kicked (the queue's kick eventfd fired). */
+  kicked(index: number): void {
+    const st = this.queues.get(index)?.stats;
+    if (st) st[QueueStat.kicks]++;
+    this.kick(index);
+  }
+
   /** Serve a queue after a kick: process until the ring is empty and notifications are back on. */
   kick(index: number): void {
     const rq = this.queues.get(index);
@@ -223,7 +239,10 @@ export class QueueRunner {
     const queue: RingQueue = c.packed
       ? new PackedQueue({ ...ring, driverAddr: c.availAddr, deviceAddr: c.usedAddr, base: c.base })
       : new SplitQueue({ ...ring, availAddr: c.availAddr, usedAddr: c.usedAddr, lastAvailIdx: c.base });
-    const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled, usedLogAddr: c.usedLogAddr ?? -1 };
+    const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled, usedLogAddr: c.usedLogAddr ?? -1,
+      stats: c.stats ? new Float64Array(c.stats) : null,
+      counted: { done: 0, bytes: 0, suppressed: 0 },
+    };
     this.applyLog(rq);
     const ctx: QueueContext = {
       queueIndex: c.index,
@@ -304,13 +323,28 @@ export class QueueRunner {
   }
 
   private publish(rq: RunningQueue): void {
-    if (rq.queue.publish() && rq.callFd >= 0) eventfdWrite(rq.callFd, 1);
+    const q = rq.queue;
+    const notify = q.publish() && rq.callFd >= 0;
+    if (notify) eventfdWrite(rq.callFd, 1);
+    const st = rq.stats;
+    if (st === null) return;
+    // Deltas of the queue's own totals: the runner thread is the only writer, the control API reads.
+    const c = rq.counted;
+    const done = q.popped - q.inFlight;
+    st[QueueStat.chains] += done - c.done;
+    st[QueueStat.bytes] += q.bytesWritten - c.bytes;
+    st[QueueStat.suppressed] += q.suppressed - c.suppressed;
+    if (notify) st[QueueStat.notifications]++;
+    c.done = done;
+    c.bytes = q.bytesWritten;
+    c.suppressed = q.suppressed;
   }
 
   private fail(rq: RunningQueue, e: unknown): void {
     const q = rq.queue;
     const why = e instanceof VirtqueueError ? e.message : `queue ${q.index}: device handler failed: ${(e as Error)?.stack ?? e}`;
     if (!q.broken) q.broken = e instanceof VirtqueueError ? e : new VirtqueueError('DEVICE_FAILED', q.index, why);
+    if (rq.stats) rq.stats[QueueStat.broken] = 1;
     this.env.log(`${why}; queue stopped until the driver resets the device`);
     // QEMU marks the device NEEDS_RESET when the error eventfd fires.
     if (rq.errFd >= 0) eventfdWrite(rq.errFd, 1);

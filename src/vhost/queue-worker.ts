@@ -82,7 +82,7 @@ while (running) {
       // A kick fd replaced in this same batch: its stale event is dropped.
       if (fd === undefined) continue;
       eventfdRead(fd);
-      runner.kick(token);
+      runner.kicked(token);
     } else {
       watches.get(token)?.onReadable();
     }

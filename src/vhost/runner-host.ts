@@ -139,7 +139,7 @@ export class InlineHost implements RunnerHost {
           index,
           watchReadable(fd, () => {
             eventfdRead(fd);
-            this.runner.kick(index);
+            this.runner.kicked(index);
           }),
         );
       },

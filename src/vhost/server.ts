@@ -17,7 +17,7 @@ import { close, isListeningSocket, SysError, unixAccept, unixConnect, unixListen
 import { Connection } from './connection.js';
 import type { VhostUserDevice } from './device.js';
 import { RunnerPool } from './runner-pool.js';
-import { BackendSession, type Logger } from './session.js';
+import { BackendSession, newQueueStats, type Logger, type QueueStatus } from './session.js';
 
 export interface ServeOptions {
   /** Listen on this path (a stale socket file is replaced; a live one is refused). */
@@ -63,6 +63,8 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
   readonly log: Logger;
   /** Queue threads, reused by one session after another. */
   private readonly pool: RunnerPool;
+  /** Per-queue counters over every session (the control API's stats). */
+  private readonly stats: SharedArrayBuffer[];
 
   private constructor(
     readonly device: VhostUserDevice,
@@ -71,6 +73,7 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
     super();
     this.log = opts.log ?? stderrLogger(device.name);
     this.pool = new RunnerPool(device, (m) => this.log.warn(m));
+    this.stats = newQueueStats(device.numQueues);
   }
 
   static async start(device: VhostUserDevice, opts: ServeOptions): Promise<VhostUserServer> {
@@ -86,6 +89,19 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
   /** Whether a frontend is connected now. */
   get connected(): boolean {
     return this.session !== null;
+  }
+
+  /** Where the frontend reaches us: the socket path, the connect path, or the inherited fd. */
+  get endpoint(): string {
+    return this.opts.socketPath ?? this.opts.connectPath ?? `fd ${this.opts.fd}`;
+  }
+
+  /** The queues: as the connected frontend set them up, and their counters since the server started. */
+  queueStatus(): QueueStatus[] {
+    return (
+      this.session?.queueStatus() ??
+      this.stats.map((s, index) => ({ index, started: false, size: 0, packed: false, stats: new Float64Array(s) }))
+    );
   }
 
   /** Stop serving: disconnect the frontend (its session is torn down), stop listening, remove our socket file. */
@@ -192,7 +208,7 @@ export class VhostUserServer extends EventEmitter<ServerEvents> {
       onMessage: (msg): Promise<void> => session.handle(msg),
       onClose: (error) => void this.endSession(error),
     });
-    const session: BackendSession = new BackendSession(this.device, conn, this.log, { packedRings: this.opts.packedRings ?? true, pool: this.pool });
+    const session: BackendSession = new BackendSession(this.device, conn, this.log, { packedRings: this.opts.packedRings ?? true, pool: this.pool, stats: this.stats });
     this.connection = conn;
     this.session = session;
     let release!: () => void;

@@ -16,7 +16,7 @@ import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type Frontend
 import type { Connection, RawMessage } from './connection.js';
 import { mapRegion, unmapRegion, type MappedRegion, type RegionDescription } from './memory-map.js';
 import { FrontendRequest, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, alwaysReplies, frontendRequestSpec } from './protocol.js';
-import type { QueueStartConfig } from './queue-runner.js';
+import { QUEUE_STATS, type QueueStartConfig } from './queue-runner.js';
 import type { RunnerHost } from './runner-host.js';
 import { RunnerPool } from './runner-pool.js';
 import { MAX_QUEUE_SIZE, packedInflightSize, splitInflightSize } from '../virtqueue/index.js';
@@ -57,6 +57,16 @@ interface QueueState {
   started: boolean;
 }
 
+/** A queue as the control API shows it. */
+export interface QueueStatus {
+  index: number;
+  started: boolean;
+  size: number;
+  packed: boolean;
+  /** QueueStat counters (totals since the backend started, when the server keeps them). */
+  stats: Float64Array;
+}
+
 function freshQueue(): QueueState {
   return { size: 0, descUser: 0, availUser: 0, usedUser: 0, addrSet: false, usedLogAddr: -1, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false };
 }
@@ -81,6 +91,8 @@ export class BackendSession {
   private status = 0;
   private regions: MappedRegion[] = [];
   private readonly queues: QueueState[];
+  /** Per queue, QueueStat counters the runners keep: the server's (totals over sessions) or our own. */
+  private readonly stats: SharedArrayBuffer[];
   /** Queue threads, the server's (kept across sessions) or our own. */
   private readonly pool: RunnerPool;
   private readonly ownsPool: boolean;
@@ -99,14 +111,26 @@ export class BackendSession {
     private readonly device: VhostUserDevice,
     private readonly conn: Connection,
     private readonly log: Logger,
-    private readonly options: { packedRings: boolean; pool?: RunnerPool } = { packedRings: true },
+    private readonly options: { packedRings: boolean; pool?: RunnerPool; stats?: SharedArrayBuffer[] } = { packedRings: true },
   ) {
+    this.stats = options.stats ?? newQueueStats(device.numQueues);
     this.ownsPool = options.pool === undefined;
     this.pool = options.pool ?? new RunnerPool(device, (m) => log.warn(m));
     this.queues = Array.from({ length: device.numQueues }, freshQueue);
     this.groupOf = groupsOf(device);
     this.handlers = this.handlerTable();
     device.bindFrontend?.({ configChanged: () => this.notifyConfigChanged() });
+  }
+
+  /** The queues as they are now, for the control API. */
+  queueStatus(): QueueStatus[] {
+    return this.queues.map((q, index) => ({
+      index,
+      started: q.started,
+      size: q.size,
+      packed: this.packed,
+      stats: new Float64Array(this.stats[index]),
+    }));
   }
 
   /** CONFIG_CHANGE_MSG on the backend channel, when the frontend negotiated one. */
@@ -578,6 +602,7 @@ export class BackendSession {
       enabled: q.enabled,
       inflight: this.inflightFor(index, q.size),
       usedLogAddr: q.usedLogAddr,
+      stats: this.stats[index],
     };
     try {
       await this.toHost(index, { op: 'start', config });
@@ -618,6 +643,11 @@ export class BackendSession {
     }
     return host;
   }
+}
+
+/** Zeroed QueueStat counters for `n` queues. */
+export function newQueueStats(n: number): SharedArrayBuffer[] {
+  return Array.from({ length: n }, () => new SharedArrayBuffer(8 * QUEUE_STATS));
 }
 
 function closeQueueFds(q: QueueState): void {

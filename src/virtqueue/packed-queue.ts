@@ -77,6 +77,8 @@ export class PackedQueue implements RingQueue {
   readonly indirect: boolean;
   broken: VirtqueueError | null = null;
   popped = 0;
+  bytesWritten = 0;
+  suppressed = 0;
 
   private memory: GuestMemory;
   private readonly maxSegments: number;
@@ -244,6 +246,7 @@ export class PackedQueue implements RingQueue {
     this.idInFlight[id] = 0;
     if (this.tracker !== null) this.tracker.completed(id);
     if (this.log !== null) this.log.chainWrites(chain, written);
+    this.bytesWritten += written;
     const slot = this.usedIdx;
     const w = 4 * slot;
     this.desc16[2 * w + 6] = id;
@@ -299,6 +302,13 @@ export class PackedQueue implements RingQueue {
     this.pendingCount = 0;
     const advance = this.pendingAdvance;
     this.pendingAdvance = 0;
+    if (this.wantsNotification(advance)) return true;
+    this.suppressed++;
+    return false;
+  }
+
+  /** Whether the driver asked to be notified of a batch that moved the used index by `advance`. */
+  private wantsNotification(advance: number): boolean {
     if (!this.signalledValid) {
       // Nothing known of what was signalled before (a new queue, a reconnect): a spurious interrupt is harmless,
       // a missing one stalls the driver.

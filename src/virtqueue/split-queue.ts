@@ -71,6 +71,8 @@ export class SplitQueue implements RingQueue {
   /** Set when a chain failed validation; the queue must be reset before it serves again. */
   broken: VirtqueueError | null = null;
   popped = 0;
+  bytesWritten = 0;
+  suppressed = 0;
 
   /** Next avail ring slot to read. */
   private lastAvailIdx: number;
@@ -257,6 +259,7 @@ export class SplitQueue implements RingQueue {
     u32[at + 1] = written;
     if (this.tracker !== null) this.tracker.completed(chain.head);
     if (this.log !== null) this.log.chainWrites(chain, written);
+    this.bytesWritten += written;
     this.usedIdx = (used + 1) & 0xffff;
     this.pool[this.poolTop++] = chain;
   }
@@ -286,6 +289,12 @@ export class SplitQueue implements RingQueue {
     Atomics.store(this.used16, 1, now); // full barrier: the reads below see the driver's latest state
     if (this.tracker !== null) this.tracker.published(now);
     if (this.log !== null) this.logRing();
+    if (this.wantsNotification(now)) return true;
+    this.suppressed++;
+    return false;
+  }
+
+  private wantsNotification(now: number): boolean {
     if (!this.eventIdx) return (Atomics.load(this.avail16, 0) & AVAIL_F_NO_INTERRUPT) === 0;
     const old = this.signalledUsed;
     const valid = this.signalledUsedValid;

@@ -59,6 +59,10 @@ export interface RingQueue extends Virtqueue {
   broken: VirtqueueError | null;
   /** Chains taken from the ring so far (unpop takes one back): tells the runner whether a handler took any. */
   readonly popped: number;
+  /** Bytes the device reported written, over all pushes. */
+  readonly bytesWritten: number;
+  /** Publishes the driver did not want to be notified of. */
+  readonly suppressed: number;
   /** Make pushed chains visible to the driver; true when the driver asked to be notified of them. */
   publish(): boolean;
   /** Swap in a new memory table (the rings must be mapped in it). Chains popped earlier keep the old one. */

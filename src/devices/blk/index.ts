@@ -10,7 +10,8 @@
  * await VhostUserServer.start(blkDevice({ path: 'disk.img', numQueues: 2 }), { socketPath: '/tmp/blk.sock' });
  * ```
  */
-import { bit, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
+import { statSync, truncateSync } from 'node:fs';
+import { bit, type FrontendLink, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
 import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import { DiskFile, probeDisk } from './disk.js';
 import { NullEngine, SyncEngine, type BlockEngine } from './engine.js';
@@ -78,7 +79,9 @@ export interface BlkQueueOptions {
   serial: Uint8Array;
   engine: 'auto' | 'uring' | 'sync';
   completionOrder: 'ready' | 'reverse';
-  limits: Omit<DiskLimits, 'discard' | 'writeZeroes'>;
+  limits: Omit<DiskLimits, 'discard' | 'writeZeroes' | 'capacitySectors'>;
+  /** [0] the disk's size in sectors; shared with the control half, which grows it (resize). */
+  capacity: SharedArrayBuffer;
   /** [0] write cache on (1) or off (0), set by the driver through the config space; shared with the control half. */
   writeback: SharedArrayBuffer;
   /** Per queue: [requests, bytes read, bytes written, refused, errors]. */
@@ -99,6 +102,13 @@ export interface BlkStats {
 }
 
 export interface BlkDevice extends VhostUserDevice<BlkQueueOptions> {
+  /**
+   * Grow the disk to `sizeBytes` (a multiple of 512): an image file is extended, and the guest is told through a
+   * config change (it sees the new capacity without a reboot). Throws RangeError for a size it cannot take.
+   */
+  resize(sizeBytes: number): void;
+  /** The disk's size in bytes now. */
+  readonly sizeBytes: number;
   /** Totals over all queues since the device was created. */
   stats(): BlkStats;
   /** Per request queue. */
@@ -115,11 +125,13 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
   if (opts.nullSize !== undefined && !(Number.isSafeInteger(opts.nullSize) && opts.nullSize >= 512)) {
     throw new RangeError(`null disk size ${opts.nullSize}: at least 512 bytes`);
   }
-  const capacitySectors = opts.nullSize !== undefined ? Math.floor(opts.nullSize / 512) : probeDisk({ path: opts.path, readonly, direct });
+  const capacity = new Float64Array(new SharedArrayBuffer(8));
+  capacity[0] = opts.nullSize !== undefined ? Math.floor(opts.nullSize / 512) : probeDisk({ path: opts.path, readonly, direct });
+  let frontend: FrontendLink | null = null;
   const writeback = new SharedArrayBuffer(4);
   new Int32Array(writeback)[0] = 1;
   const stats = new SharedArrayBuffer(8 * STATS * numQueues);
-  const limits = { capacitySectors, readonly, segMax: SEG_MAX, maxDiscardSectors: MAX_DISCARD_SECTORS, maxDiscardSeg: MAX_DISCARD_SEG };
+  const limits = { readonly, segMax: SEG_MAX, maxDiscardSectors: MAX_DISCARD_SECTORS, maxDiscardSeg: MAX_DISCARD_SEG };
   let features =
     bit(VIRTIO_BLK_F_SIZE_MAX) |
     bit(VIRTIO_BLK_F_SEG_MAX) |
@@ -132,7 +144,7 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
   else features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
   const config = () =>
     encodeConfig({
-      capacitySectors,
+      capacitySectors: capacity[0],
       blockSize: 512,
       numQueues,
       segMax: SEG_MAX,
@@ -158,10 +170,29 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
       }
     },
     reset: () => Atomics.store(new Int32Array(writeback), 0, 1),
+    bindFrontend: (f) => {
+      frontend = f;
+    },
+    get sizeBytes() {
+      return capacity[0] * 512;
+    },
+    resize(sizeBytes: number) {
+      if (!Number.isSafeInteger(sizeBytes) || sizeBytes % 512 !== 0) throw new RangeError(`size ${sizeBytes}: a multiple of 512 bytes`);
+      if (sizeBytes < capacity[0] * 512) throw new RangeError(`size ${sizeBytes} is smaller than the disk (${capacity[0] * 512} bytes): only growing is supported`);
+      if (readonly && sizeBytes !== capacity[0] * 512) throw new RangeError('the disk is read-only');
+      if (opts.nullSize === undefined) {
+        // A block device has the size it has; an image file grows (sparse).
+        if (!statSync(opts.path).isFile()) {
+          if (probeDisk({ path: opts.path, readonly, direct }) * 512 < sizeBytes) throw new RangeError(`${opts.path} is a block device of ${capacity[0] * 512} bytes`);
+        } else if (statSync(opts.path).size < sizeBytes) truncateSync(opts.path, sizeBytes);
+      }
+      capacity[0] = sizeBytes / 512;
+      frontend?.configChanged();
+    },
     dataPlane: {
       module: new URL(import.meta.url),
       pollUs: opts.pollUs ?? 0,
-      options: { path: opts.path, nullDisk: opts.nullSize !== undefined, readonly, direct, serial, engine: opts.engine ?? 'auto', completionOrder: opts.completionOrder ?? 'ready', limits, writeback, stats },
+      options: { path: opts.path, nullDisk: opts.nullSize !== undefined, readonly, direct, serial, engine: opts.engine ?? 'auto', completionOrder: opts.completionOrder ?? 'ready', limits, capacity: capacity.buffer as SharedArrayBuffer, writeback, stats },
     },
     stats() {
       return this.queueStats().reduce((a, b) => ({
@@ -187,8 +218,13 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
   const o = ctx.options;
   const disk = o.nullDisk ? null : new DiskFile({ path: o.path, readonly: o.readonly, direct: o.direct });
   const features = ctx.features;
+  const capacity = new Float64Array(o.capacity);
   const limits: DiskLimits = {
     ...o.limits,
+    // Read per request: the control half may grow the disk while the queue runs.
+    get capacitySectors() {
+      return capacity[0];
+    },
     discard: (features & bit(VIRTIO_BLK_F_DISCARD)) !== 0n,
     writeZeroes: (features & bit(VIRTIO_BLK_F_WRITE_ZEROES)) !== 0n,
   };

@@ -1,0 +1,74 @@
+/**
+ * vhost-ts ctl PATH CALL: a client of a backend's control API (`--control PATH`), for people and scripts.
+ */
+import { parseArgs } from 'node:util';
+import { ControlClient } from '../src/control/index.js';
+import { UsageError } from './backend-options.js';
+
+export const ctlUsage = `usage: vhost-ts ctl PATH (list | stats | blk-resize SIZE) [--json]
+
+  list             the frontends this backend serves and their queues
+  stats            per queue: chains completed, bytes written, kicks, interrupts sent and suppressed, broken
+  blk-resize SIZE  grow the disk to SIZE bytes (suffix K, M, G); the guest sees it without a reboot
+  --json           print the answer as JSON (the messages of proto/vhost_ts/control.proto)`;
+
+export async function ctlMain(argv: string[], byteSize: (text: string, flag: string) => number): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, options: { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, allowPositionals: true });
+  if (values.help) {
+    console.log(ctlUsage);
+    return 0;
+  }
+  const [path, call, arg] = positionals;
+  if (!path || !call) throw new UsageError(`ctl needs a control socket and a call\n\n${ctlUsage}`);
+  const request =
+    call === 'list' ? { list: {} } : call === 'stats' ? { stats: {} } : call === 'blk-resize' ? { blkResize: { sizeBytes: byteSize(arg ?? '', 'blk-resize') } } : null;
+  if (!request) throw new UsageError(`unknown ctl call "${call}"\n\n${ctlUsage}`);
+  const client = await ControlClient.connect(path);
+  try {
+    const answer = await client.call(request);
+    if (answer.error) {
+      console.error(`vhost-ts ctl: ${String(answer.error)}`);
+      return 1;
+    }
+    if (values.json) {
+      const { id: _id, error: _error, ...rest } = answer;
+      console.log(JSON.stringify(rest, null, 2));
+    } else console.log(human(answer));
+    return 0;
+  } finally {
+    client.close();
+  }
+}
+
+interface Queue {
+  index: number;
+  started?: boolean;
+  size?: number;
+  packed?: boolean;
+  chains?: number;
+  bytes?: number;
+  kicks?: number;
+  notifications?: number;
+  suppressed?: number;
+  broken?: boolean;
+}
+interface Frontend {
+  device: string;
+  endpoint: string;
+  connected?: boolean;
+  queues: Queue[];
+}
+
+function human(answer: Record<string, unknown>): string {
+  if (answer.list) {
+    return (answer.list as { frontends: Frontend[] }).frontends
+      .map((f) => `${f.device} on ${f.endpoint}: ${f.connected ? 'connected' : 'no frontend'}${f.queues.filter((q) => q.started).map((q) => `\n  queue ${q.index}: ${q.packed ? 'packed' : 'split'} ring of ${q.size}`).join('')}`)
+      .join('\n');
+  }
+  if (answer.stats) {
+    return (answer.stats as { frontends: Frontend[] }).frontends
+      .map((f) => `${f.device} on ${f.endpoint}${f.queues.map((q) => `\n  queue ${q.index}: ${q.chains} chains, ${q.bytes} bytes written, ${q.kicks} kicks, ${q.notifications} interrupts, ${q.suppressed} suppressed${q.broken ? ', BROKEN' : ''}`).join('')}`)
+      .join('\n');
+  }
+  return 'done';
+}

@@ -1,0 +1,149 @@
+/**
+ * The control API on a Unix socket (`--control PATH`): list frontends and queues, per-queue stats, and the calls
+ * a device answers (blk: resize). Messages are proto/vhost_ts/control.proto, length-delimited. A malformed
+ * message gets an error Response; one that breaks the framing (a length beyond 1 MiB) closes the connection. The
+ * devices never notice either.
+ *
+ * @example
+ * ```ts
+ * const servers = [await VhostUserServer.start(blkDevice({ path: 'disk.img' }), { socketPath: '/tmp/blk.sock' })];
+ * const control = await ControlServer.start('/tmp/blk.ctl', servers);
+ * // vhost-ts ctl /tmp/blk.ctl stats --json
+ * ```
+ */
+import { lstatSync, unlinkSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import type { BlkDevice } from '../devices/blk/index.js';
+import { QueueStat, type Logger, type VhostUserServer } from '../vhost/index.js';
+import { encodeFrame, Request, Response, splitFrames } from './proto.js';
+
+interface RequestObject {
+  id?: number;
+  call?: 'list' | 'stats' | 'blkResize';
+  blkResize?: { sizeBytes?: number };
+}
+
+export class ControlServer {
+  private readonly clients = new Set<Socket>();
+
+  private constructor(
+    private readonly server: Server,
+    private readonly path: string,
+    private readonly targets: readonly VhostUserServer[],
+    private readonly log: Logger,
+  ) {}
+
+  /** Listen on `path` (a stale socket file is replaced) for clients of the backends in `targets`. */
+  static async start(path: string, targets: readonly VhostUserServer[], log?: Logger): Promise<ControlServer> {
+    removeStaleSocket(path);
+    const logger = log ?? targets[0]?.log ?? { info() {}, warn() {}, error() {} };
+    const server = createServer();
+    const control = new ControlServer(server, path, targets, logger);
+    server.on('connection', (s) => control.serve(s));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => resolve());
+    });
+    logger.info(`control API on ${path}`);
+    return control;
+  }
+
+  async close(): Promise<void> {
+    for (const c of this.clients) c.destroy();
+    await new Promise<void>((r) => this.server.close(() => r()));
+    try {
+      unlinkSync(this.path);
+    } catch {
+      // gone already
+    }
+  }
+
+  private serve(socket: Socket): void {
+    this.clients.add(socket);
+    socket.on('close', () => this.clients.delete(socket));
+    socket.on('error', () => {});
+    let pending: Buffer = Buffer.alloc(0);
+    socket.on('data', (d: Buffer) => {
+      let frames: Buffer[];
+      try {
+        ({ frames, rest: pending } = splitFrames(pending.length === 0 ? d : Buffer.concat([pending, d])));
+      } catch (e) {
+        this.log.warn(`control client: ${(e as Error).message}; connection closed`);
+        socket.end(encodeFrame(Response, { id: 0, error: `${(e as Error).message}: connection closed` }));
+        return;
+      }
+      for (const f of frames) socket.write(encodeFrame(Response, this.answer(f)));
+    });
+  }
+
+  /** The Response to one framed Request. */
+  private answer(frame: Buffer): object {
+    let req: RequestObject;
+    try {
+      req = Request.toObject(Request.decode(frame), { longs: Number, oneofs: true }) as RequestObject;
+    } catch (e) {
+      return { id: 0, error: `malformed request: ${(e as Error).message}` };
+    }
+    const id = req.id ?? 0;
+    try {
+      switch (req.call) {
+        case 'list':
+          return { id, list: { frontends: this.targets.map((t) => this.frontend(t)) } };
+        case 'stats':
+          return { id, stats: { frontends: this.targets.map((t) => this.stats(t)) } };
+        case 'blkResize':
+          return { id, ...this.blkResize(req.blkResize?.sizeBytes ?? 0) };
+        default:
+          return { id, error: 'unknown or missing call: this backend answers list, stats and blk_resize' };
+      }
+    } catch (e) {
+      return { id, error: (e as Error).message };
+    }
+  }
+
+  private frontend(t: VhostUserServer): object {
+    return {
+      device: t.device.name,
+      endpoint: t.endpoint,
+      connected: t.connected,
+      queues: t.queueStatus().map((q) => ({ index: q.index, started: q.started, size: q.size, packed: q.packed })),
+    };
+  }
+
+  private stats(t: VhostUserServer): object {
+    return {
+      device: t.device.name,
+      endpoint: t.endpoint,
+      queues: t
+        .queueStatus()
+        .map((q) => {
+          const s = q.stats;
+          return {
+            index: q.index,
+            chains: s[QueueStat.chains],
+            bytes: s[QueueStat.bytes],
+            kicks: s[QueueStat.kicks],
+            notifications: s[QueueStat.notifications],
+            suppressed: s[QueueStat.suppressed],
+            broken: s[QueueStat.broken] !== 0,
+          };
+        }),
+    };
+  }
+
+  private blkResize(sizeBytes: number): object {
+    const blk = this.targets.map((t) => t.device).find((d): d is BlkDevice => d.deviceId === 2 && typeof (d as Partial<BlkDevice>).resize === 'function');
+    if (!blk) return { error: 'this backend serves no blk device' };
+    blk.resize(sizeBytes);
+    this.log.info(`disk resized to ${sizeBytes} bytes`);
+    return { done: {} };
+  }
+}
+
+function removeStaleSocket(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch {
+    // nothing there
+  }
+}
