@@ -5,11 +5,17 @@ import { parseArgs } from 'node:util';
 import { ControlClient } from '../src/control/index.js';
 import { UsageError } from './backend-options.js';
 
-export const ctlUsage = `usage: vhost-ts ctl PATH (list | stats | blk-resize SIZE) [--json]
+export const ctlUsage = `usage: vhost-ts ctl PATH CALL [--json]
 
-  list             the frontends this backend serves and their queues
-  stats            per queue: chains completed, bytes written, kicks, interrupts sent and suppressed, broken
-  blk-resize SIZE  grow the disk to SIZE bytes (suffix K, M, G); the guest sees it without a reboot
+calls:
+  list                 the frontends this backend serves and their queues
+  stats                per queue: chains completed, bytes written, kicks, interrupts sent and suppressed, broken
+  blk-resize SIZE      grow the disk to SIZE bytes (suffix K, M, G); the guest sees it without a reboot
+  net-link up|down [SOCKET]
+                       the link state the guest sees, of every net device or the one on SOCKET
+  mac-table            the addresses a net switch learned, and their ports
+  console-resize COLSxROWS
+                       the console port's size
   --json           print the answer as JSON (the messages of proto/vhost_ts/control.proto)`;
 
 export async function ctlMain(argv: string[], byteSize: (text: string, flag: string) => number): Promise<number> {
@@ -18,10 +24,23 @@ export async function ctlMain(argv: string[], byteSize: (text: string, flag: str
     console.log(ctlUsage);
     return 0;
   }
-  const [path, call, arg] = positionals;
+  const [path, call, arg, arg2] = positionals;
   if (!path || !call) throw new UsageError(`ctl needs a control socket and a call\n\n${ctlUsage}`);
+  const size = /^(\d+)x(\d+)$/.exec(arg ?? '');
   const request =
-    call === 'list' ? { list: {} } : call === 'stats' ? { stats: {} } : call === 'blk-resize' ? { blkResize: { sizeBytes: byteSize(arg ?? '', 'blk-resize') } } : null;
+    call === 'list'
+      ? { list: {} }
+      : call === 'stats'
+        ? { stats: {} }
+        : call === 'blk-resize'
+          ? { blkResize: { sizeBytes: byteSize(arg ?? '', 'blk-resize') } }
+          : call === 'net-link' && (arg === 'up' || arg === 'down')
+            ? { netLink: { up: arg === 'up', endpoint: arg2 ?? '' } }
+            : call === 'mac-table'
+              ? { macTable: {} }
+              : call === 'console-resize' && size
+                ? { consoleResize: { cols: Number(size[1]), rows: Number(size[2]) } }
+                : null;
   if (!request) throw new UsageError(`unknown ctl call "${call}"\n\n${ctlUsage}`);
   const client = await ControlClient.connect(path);
   try {
@@ -64,6 +83,10 @@ function human(answer: Record<string, unknown>): string {
     return (answer.list as { frontends: Frontend[] }).frontends
       .map((f) => `${f.device} on ${f.endpoint}: ${f.connected ? 'connected' : 'no frontend'}${f.queues.filter((q) => q.started).map((q) => `\n  queue ${q.index}: ${q.packed ? 'packed' : 'split'} ring of ${q.size}`).join('')}`)
       .join('\n');
+  }
+  if (answer.macTable) {
+    const entries = (answer.macTable as { entries: { mac: string; port: string; ageMs: number }[] }).entries;
+    return entries.length === 0 ? 'no addresses learned' : entries.map((e) => `${e.mac}  ${e.port}  ${Math.round(e.ageMs / 1000)} s ago`).join('\n');
   }
   if (answer.stats) {
     return (answer.stats as { frontends: Frontend[] }).frontends

@@ -14,13 +14,17 @@
 import { lstatSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { BlkDevice } from '../devices/blk/index.js';
+import type { ConsoleDevice } from '../devices/console/index.js';
+import type { NetDevice } from '../devices/net/index.js';
 import { QueueStat, type Logger, type VhostUserServer } from '../vhost/index.js';
 import { encodeFrame, Request, Response, splitFrames } from './proto.js';
 
 interface RequestObject {
   id?: number;
-  call?: 'list' | 'stats' | 'blkResize';
+  call?: 'list' | 'stats' | 'blkResize' | 'netLink' | 'macTable' | 'consoleResize';
   blkResize?: { sizeBytes?: number };
+  netLink?: { up?: boolean; endpoint?: string };
+  consoleResize?: { cols?: number; rows?: number };
 }
 
 export class ControlServer {
@@ -93,8 +97,14 @@ export class ControlServer {
           return { id, stats: { frontends: this.targets.map((t) => this.stats(t)) } };
         case 'blkResize':
           return { id, ...this.blkResize(req.blkResize?.sizeBytes ?? 0) };
+        case 'netLink':
+          return { id, ...this.netLink(req.netLink?.up ?? false, req.netLink?.endpoint ?? '') };
+        case 'macTable':
+          return { id, macTable: { entries: this.net().flatMap(({ device }) => device.macTable()) } };
+        case 'consoleResize':
+          return { id, ...this.consoleResize(req.consoleResize?.cols ?? 0, req.consoleResize?.rows ?? 0) };
         default:
-          return { id, error: 'unknown or missing call: this backend answers list, stats and blk_resize' };
+          return { id, error: 'unknown or missing call: this backend answers list, stats, blk_resize, net_link, mac_table and console_resize' };
       }
     } catch (e) {
       return { id, error: (e as Error).message };
@@ -129,6 +139,31 @@ export class ControlServer {
           };
         }),
     };
+  }
+
+  /** The net devices served here (device ID 1), with their endpoints. */
+  private net(): { device: NetDevice; endpoint: string }[] {
+    const found = this.targets
+      .filter((t) => t.device.deviceId === 1 && typeof (t.device as Partial<NetDevice>).setLink === 'function')
+      .map((t) => ({ device: t.device as NetDevice, endpoint: t.endpoint }));
+    if (found.length === 0) throw new Error('this backend serves no net device');
+    return found;
+  }
+
+  private netLink(up: boolean, endpoint: string): object {
+    const devices = this.net().filter((n) => endpoint === '' || n.endpoint === endpoint);
+    if (devices.length === 0) return { error: `no net device on ${endpoint}` };
+    for (const { device } of devices) device.setLink(up);
+    this.log.info(`link ${up ? 'up' : 'down'}${endpoint ? ` on ${endpoint}` : ''}`);
+    return { done: {} };
+  }
+
+  private consoleResize(cols: number, rows: number): object {
+    const con = this.targets.map((t) => t.device).find((d): d is ConsoleDevice => d.deviceId === 3 && typeof (d as Partial<ConsoleDevice>).resize === 'function');
+    if (!con) return { error: 'this backend serves no console device' };
+    if (!(cols >= 1 && cols <= 0xffff && rows >= 1 && rows <= 0xffff)) return { error: `a size of ${cols}x${rows}: 1 to 65535 each` };
+    con.resize(cols, rows);
+    return { done: {} };
   }
 
   private blkResize(sizeBytes: number): object {

@@ -19,6 +19,7 @@ import type { Virtqueue } from '../../virtqueue/index.js';
 import { handleControl } from './control.js';
 import { ChainFrame, RxQueue } from './datapath.js';
 import { openPort, rarpFrame, type PortBackend, type PortHooks } from './ports.js';
+import { findSwitch, type MacEntry } from './switch.js';
 import {
   CONFIG_SIZE,
   encodeConfig,
@@ -96,6 +97,10 @@ export interface NetDevice extends VhostUserDevice<NetQueueOptions> {
    * when it gave us a backend channel. Returns whether the frontend was told.
    */
   setLink(up: boolean): boolean;
+  /** Whether the link is up, as the guest is told. */
+  readonly linkUp: boolean;
+  /** On a switch: the addresses it learned, and on which port. Throws RangeError for other backends. */
+  macTable(): MacEntry[];
 }
 
 export function netDevice(opts: NetOptions): NetDevice {
@@ -178,6 +183,13 @@ export function netDevice(opts: NetOptions): NetDevice {
     setLink(up) {
       linkUp = up;
       return frontend?.configChanged() ?? false;
+    },
+    get linkUp() {
+      return linkUp;
+    },
+    macTable() {
+      if (opts.backend.kind !== 'switch') throw new RangeError(`a ${opts.backend.kind} backend has no MAC table`);
+      return findSwitch(opts.backend.name)?.macTable() ?? [];
     },
     bindFrontend(f) {
       frontend = f;

@@ -22,6 +22,15 @@ interface Member {
   receive(frame: FrameSource, header: Uint8Array | null): boolean;
   /** Publish what receive() delivered during this forwarding batch (one notification). */
   publish(): void;
+  /** What the port is, for the MAC table: the guest's MAC, or the uplink's tap. */
+  label(): string;
+}
+
+/** A learned address, as the control API shows it. */
+export interface MacEntry {
+  mac: string;
+  port: string;
+  ageMs: number;
 }
 
 export class Switch {
@@ -93,6 +102,17 @@ export class Switch {
     return this.table.size;
   }
 
+  /** The learned addresses still in use. */
+  macTable(now = Date.now()): MacEntry[] {
+    const out: MacEntry[] = [];
+    for (const [key, e] of this.table) {
+      if (now - e.seen > AGEING_MS || !this.members.has(e.port)) continue;
+      const hex = key.toString(16).padStart(12, '0');
+      out.push({ mac: hex.match(/../g)!.join(':'), port: e.port.label(), ageMs: now - e.seen });
+    }
+    return out;
+  }
+
   private deliver(m: Member, frame: FrameSource, header: Uint8Array | null): void {
     if (m.receive(frame, header)) this.dirty.add(m);
     else this.dropped++;
@@ -139,6 +159,10 @@ export class SwitchPort implements PortBackend, Member {
   transmit(frame: ChainFrame): boolean {
     this.sw.forward(this, frame, frame.header);
     return true;
+  }
+
+  label(): string {
+    return `port of ${[...this.mac].map((b) => b.toString(16).padStart(2, '0')).join(':')}`;
   }
 
   flush(): void {
@@ -195,6 +219,10 @@ class TapUplink implements Member {
   private readonly bounce = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
   private readonly frame = new BytesFrame();
   private readonly out = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
+
+  label(): string {
+    return `uplink ${this.name}`;
+  }
 
   constructor(
     name: string,
