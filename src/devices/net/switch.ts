@@ -138,7 +138,7 @@ export function findSwitch(name: string): Switch | undefined {
 function macKey(frame: FrameSource, at: number): number {
   return (
     (frame.byteAt(at) * 0x100 + frame.byteAt(at + 1)) * 0x100000000 +
-    ((frame.byteAt(at + 2) << 24) | (frame.byteAt(at + 3) << 16) | (frame.byteAt(at + 4) << 8) | frame.byteAt(at + 5)) >>> 0
+    (((frame.byteAt(at + 2) << 24) | (frame.byteAt(at + 3) << 16) | (frame.byteAt(at + 4) << 8) | frame.byteAt(at + 5)) >>> 0)
   );
 }
 
