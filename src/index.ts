@@ -11,3 +11,4 @@ export * from './virtqueue/virtqueue.js';
 export * from './virtqueue/split-queue.js';
 export * from './virtqueue/packed-queue.js';
 export { rngDevice, type RngDevice } from './devices/rng/index.js';
+export { ControlClient, ControlServer } from './control/index.js';
