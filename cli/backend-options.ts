@@ -12,6 +12,7 @@ export const backendOptions = {
   'print-capabilities': { type: 'boolean' },
   'no-packed': { type: 'boolean' },
   control: { type: 'string' },
+  'state-file': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const satisfies NonNullable<ParseArgsConfig['options']>;
 
@@ -22,7 +23,9 @@ export const backendUsage = `  --socket-path PATH      listen for the frontend o
   --no-packed             offer split virtqueues only (packed rings are offered by default; the frontend decides:
                           QEMU's packed=on, which its generic vhost-user devices do not consult)
   --control PATH          serve the control API on this Unix socket (vhost-ts ctl PATH stats; messages in
-                          proto/vhost_ts/control.proto)`;
+                          proto/vhost_ts/control.proto)
+  --state-file PATH       load the devices' state from PATH at start (when it exists) and save it there on
+                          SIGINT/SIGTERM, for a planned restart (proto/vhost_ts/state.proto: StateFile)`;
 
 export class UsageError extends Error {
   override readonly name = 'UsageError';

@@ -6,7 +6,9 @@ import { blkDevice } from '../src/devices/blk/index.js';
 import { consoleCommand } from './console.js';
 import { netCommand } from './net.js';
 import { rngDevice } from '../src/devices/rng/index.js';
-import { VhostUserServer } from '../src/vhost/index.js';
+import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { loadStateFile, saveStateFile } from '../src/vhost/device-state.js';
+import { VhostUserServer, type DeviceStateHooks, type VhostUserDevice } from '../src/vhost/index.js';
 import { setupMain } from '../harness/setup.js';
 import { backendOptions, backendUsage, serveOptionsOf, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
 import { ControlServer } from '../src/control/index.js';
@@ -125,6 +127,21 @@ async function main(argv: string[]): Promise<number> {
   }
   const created = dev.create(values as Values);
   const list = Array.isArray(created) ? created : [created];
+  const stateFile = typeof values['state-file'] === 'string' ? values['state-file'] : null;
+  const stateful = list.filter((d): d is VhostUserDevice & { state: DeviceStateHooks } => d.state !== undefined);
+  if (stateFile !== null) {
+    if (stateful.length !== list.length) throw new UsageError(`--state-file: ${command} keeps no device state`);
+    if (existsSync(stateFile)) {
+      loadStateFile(stateful, readFileSync(stateFile));
+      console.error(`vhost-ts: device state loaded from ${stateFile}`);
+    }
+  }
+  const saveState = (): void => {
+    if (stateFile === null) return;
+    writeFileSync(`${stateFile}.tmp`, saveStateFile(stateful));
+    renameSync(`${stateFile}.tmp`, stateFile); // whole or not at all
+    console.error(`vhost-ts: device state saved to ${stateFile}`);
+  };
   const where = serveOptionsOf(values, list.length);
   const servers: VhostUserServer[] = [];
   try {
@@ -135,7 +152,10 @@ async function main(argv: string[]): Promise<number> {
   }
   const control = typeof values.control === 'string' ? await ControlServer.start(values.control, servers) : null;
   await new Promise<void>((resolve) => {
-    const stop = () => void Promise.all([...servers.map((s) => s.close()), control?.close()]).then(() => resolve());
+    const stop = () => {
+      saveState();
+      void Promise.all([...servers.map((s) => s.close()), control?.close()]).then(() => resolve());
+    };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
     // An inherited connected fd serves one frontend: when every server is done, so is the program.

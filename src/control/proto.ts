@@ -2,20 +2,10 @@
  * The control API's messages, from proto/vhost_ts/control.proto (shipped in the package, for clients in other
  * languages too), loaded with protobufjs.
  */
-import { existsSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
-import protobuf from 'protobufjs';
+import type protobuf from 'protobufjs';
+import { loadProto } from '../vhost/proto-files.js';
 
-/** proto/ beside src/ in a checkout, or beside dist/src/ in the package (the build copies it). */
-function protoFile(): string {
-  for (const rel of ['../../proto/vhost_ts/control.proto', '../../../proto/vhost_ts/control.proto']) {
-    const path = fileURLToPath(new URL(rel, import.meta.url));
-    if (existsSync(path)) return path;
-  }
-  throw new Error('proto/vhost_ts/control.proto is missing from the installation: reinstall vhost-ts');
-}
-
-const root = protobuf.loadSync(protoFile());
+const root = loadProto('control.proto');
 export const Request = root.lookupType('vhost_ts.control.Request');
 export const Response = root.lookupType('vhost_ts.control.Response');
 

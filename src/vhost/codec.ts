@@ -667,6 +667,8 @@ export type ReplyPayload =
   | { kind: 'vring-state'; index: number; num: number }
   | { kind: 'config'; offset: number; configFlags: number; data: Uint8Array }
   | { kind: 'config-error' } // GET_CONFIG failure: empty payload
+  /** SET_DEVICE_STATE_FD: a status (0: fine) and whether the back-end returns an fd of its own (we never do). */
+  | { kind: 'status-fd'; status: number; noFd: boolean }
   /** GET_INFLIGHT_FD: the region's description; `fd` goes in the ancillary data (the caller sends it). */
   | { kind: 'inflight'; mmapSize: number; mmapOffset: number; numQueues: number; queueSize: number; fd: number };
 
@@ -740,6 +742,9 @@ export function encodeReply(request: FrontendRequest, payload: ReplyPayload, out
       w.put(CONFIG_HEADER_SIZE, payload.data, payload.data.length);
       break;
     case 'config-error':
+      break;
+    case 'status-fd':
+      w.u64(0, (payload.status & 0xff) | (payload.noFd ? 0x100 : 0));
       break;
     case 'inflight':
       w.u64(0, payload.mmapSize);

@@ -97,6 +97,12 @@ export interface VhostUserDevice<O = unknown> {
    * gets the chains its predecessor never completed again, before any new ones, in the order they were taken.
    */
   readonly inflightTracking?: boolean;
+  /**
+   * State a successor needs (live migration through the frontend: DEVICE_STATE; a planned restart: --state-file),
+   * as the device's message of proto/vhost_ts/state.proto in plain-object form. With it the framework offers
+   * DEVICE_STATE.
+   */
+  readonly state?: DeviceStateHooks;
   /** vhost-user protocol features the device adds to the framework's (e.g. RARP for net). */
   readonly protocolFeatures?: bigint;
   /** SEND_RARP (protocol feature RARP): after migration, announce the guest's MAC to the network. */
@@ -116,6 +122,14 @@ export interface VhostUserDevice<O = unknown> {
    * status, capacity) so the frontend re-reads it and tells the driver (CONFIG_CHANGE_MSG on the backend channel).
    */
   bindFrontend?(frontend: FrontendLink | null): void;
+}
+
+export interface DeviceStateHooks {
+  /** Which message of state.proto's DeviceState this is. */
+  readonly kind: 'blk' | 'net' | 'console';
+  save(): object;
+  /** Take a saved state (throw when it cannot be right; the frontend is told the load failed). */
+  load(state: object): void;
 }
 
 export interface FrontendLink {

@@ -9,7 +9,8 @@
  *   otherwise closes the connection (the frontend would go on believing it worked);
  * - a broken ring marks only its queue broken (error eventfd), the session goes on.
  */
-import { fstatSync } from 'node:fs';
+import { closeSync, fstatSync, read, write } from 'node:fs';
+import { loadDeviceState, saveDeviceState } from './device-state.js';
 import { close, eventfdWrite, isEventfd, memfdCreate, mmapShared, munmap, sendMessage } from '../sys/index.js';
 import { bit, FRAMEWORK_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type VhostUserDevice } from './device.js';
 import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
@@ -103,6 +104,8 @@ export class BackendSession {
   private inflight: InflightMapping | null = null;
   /** The dirty log (SET_LOG_BASE), mapped; and the eventfd of SET_LOG_FD. */
   private dirtyLog: { mapAddress: number; mapLength: number; address: number; length: number } | null = null;
+  /** A DEVICE_STATE transfer under way: the save written out, or the load's bytes read in. */
+  private stateTransfer: Promise<{ direction: 'save' | 'load'; bytes: Uint8Array }> | null = null;
   private logFd = -1;
   private closed = false;
   private readonly handlers: HandlerTable;
@@ -167,6 +170,7 @@ export class BackendSession {
       pf(ProtocolFeature.LOG_SHMFD);
     if (this.device.configSize !== undefined && this.device.readConfig) f |= pf(ProtocolFeature.CONFIG);
     if (this.device.inflightTracking) f |= pf(ProtocolFeature.INFLIGHT_SHMFD);
+    if (this.device.state) f |= pf(ProtocolFeature.DEVICE_STATE);
     return f | (this.device.protocolFeatures ?? 0n);
   }
 
@@ -374,6 +378,8 @@ export class BackendSession {
         if (this.logFd >= 0) close(this.logFd);
         this.logFd = m.fd;
       },
+      SET_DEVICE_STATE_FD: (m) => this.setDeviceStateFd(m),
+      CHECK_DEVICE_STATE: () => this.checkDeviceState(),
       GET_INFLIGHT_FD: (m) => this.newInflightRegion(m.numQueues, m.queueSize),
       SET_INFLIGHT_FD: (m) => this.setInflightRegion(m),
       SEND_RARP: (m) => {
@@ -425,6 +431,43 @@ export class BackendSession {
     this.dirtyLog = null;
     if (this.logFd >= 0) close(this.logFd);
     this.logFd = -1;
+  }
+
+  /**
+   * SET_DEVICE_STATE_FD (stopped phase only): save writes the state into the fd and closes it, load reads it to
+   * the end; both run after the reply, since the frontend reads or writes the other end only then.
+   */
+  private setDeviceStateFd(m: FrontendMessageOf<'SET_DEVICE_STATE_FD'>): ReplyPayload {
+    const device = this.device;
+    if (!device.state || !this.has(ProtocolFeature.DEVICE_STATE) || m.phase !== 0 || m.direction > 1) {
+      close(m.fd);
+      throw new RequestFailed(`device state transfer ${m.direction === 0 ? 'save' : 'load'} in phase ${m.phase}: only the stopped phase of a device with state`);
+    }
+    const fd = m.fd;
+    if (m.direction === 0) {
+      const positions = this.queues.map((q, index) => ({ index, vringBase: q.base, packed: this.packed }));
+      const bytes = saveDeviceState(device as VhostUserDevice & { state: NonNullable<VhostUserDevice['state']> }, positions);
+      this.stateTransfer = writeAll(fd, bytes).then(() => ({ direction: 'save' as const, bytes }));
+    } else {
+      this.stateTransfer = readAll(fd).then((bytes) => ({ direction: 'load' as const, bytes }));
+    }
+    this.stateTransfer.catch(() => {}); // CHECK_DEVICE_STATE reports it
+    return { kind: 'status-fd', status: 0, noFd: true };
+  }
+
+  private async checkDeviceState(): Promise<ReplyPayload> {
+    const transfer = this.stateTransfer;
+    this.stateTransfer = null;
+    try {
+      if (!transfer) throw new Error('no device state transfer was started');
+      const { direction, bytes } = await transfer;
+      if (direction === 'load') loadDeviceState(this.device as VhostUserDevice & { state: NonNullable<VhostUserDevice['state']> }, bytes);
+      this.log.info(`device state ${direction === 'save' ? 'saved' : 'loaded'} (${bytes.length} bytes)`);
+      return { kind: 'ack', status: 0 };
+    } catch (e) {
+      this.log.warn(`device state transfer failed: ${(e as Error).message}`);
+      return { kind: 'ack', status: 1 };
+    }
   }
 
   /** A request for every queue thread this session uses. */
@@ -643,6 +686,54 @@ export class BackendSession {
     }
     return host;
   }
+}
+
+/** Write all of `bytes` to `fd` off the main thread (a pipe the frontend drains), then close it. */
+function writeAll(fd: number, bytes: Uint8Array): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (at: number): void => {
+      if (at >= bytes.length) {
+        closeSync(fd);
+        return resolve();
+      }
+      write(fd, bytes, at, bytes.length - at, null, (e, n) => {
+        // QEMU's pipes block; a non-blocking fd from another frontend says EAGAIN while it is full.
+        if (e?.code === 'EAGAIN') return void setTimeout(() => step(at), 1);
+        if (e) {
+          closeSync(fd);
+          return reject(e);
+        }
+        step(at + n);
+      });
+    };
+    step(0);
+  });
+}
+
+/** Read `fd` to its end (at most 64 MiB, the most a device state may be), then close it. */
+function readAll(fd: number): Promise<Uint8Array> {
+  const chunks: Buffer[] = [];
+  let total = 0;
+  return new Promise((resolve, reject) => {
+    const step = (): void => {
+      const buf = Buffer.alloc(1 << 16);
+      read(fd, buf, 0, buf.length, null, (e, n) => {
+        if (e?.code === 'EAGAIN') return void setTimeout(step, 1);
+        if (e || total + n > 64 << 20) {
+          closeSync(fd);
+          return reject(e ?? new Error('a device state over 64 MiB'));
+        }
+        if (n === 0) {
+          closeSync(fd);
+          return resolve(Buffer.concat(chunks, total));
+        }
+        chunks.push(buf.subarray(0, n));
+        total += n;
+        step();
+      });
+    };
+    step();
+  });
 }
 
 /** Zeroed QueueStat counters for `n` queues. */

@@ -72,6 +72,42 @@ async function send(ctx: TestQueue, msg: Uint8Array): Promise<void> {
 const chunkOf = (i: number): Buffer => Buffer.from(`chunk ${String(i).padStart(6, '0')} `.padEnd(CHUNK, '.'));
 
 describe('console backend restart', () => {
+  it('--state-file: output waiting for an absent client survives a planned restart (SIGTERM, start again)', async () => {
+    const sock = join(dir, 's.sock');
+    const data = join(dir, 's-data.sock');
+    const stateFile = join(dir, 'console.state');
+    const args = ['console', '--socket-path', sock, '--console', `file:${join(dir, 's-hvc0.log')}`, '--port', `org.test.data=socket:${data}`, '--state-file', stateFile];
+    const first = await startBackend([vhostTsBin, ...args], listening, 20_000);
+    try {
+      const fe = await VhostUserFrontend.connect(sock, { connectTimeoutMs: 20_000 });
+      const [, , crx, ctx, , tx1] = await fe.start({ queues: Array.from({ length: 6 }, (_, index) => ({ index, size: 64 })), ring: 'split' });
+      for (let i = 0; i < 16; i++) crx.add({ writable: [4096] });
+      crx.kick();
+      await send(ctx, encodeControl(NO_PORT, VIRTIO_CONSOLE_DEVICE_READY, 1));
+      await send(ctx, encodeControl(1, VIRTIO_CONSOLE_PORT_READY, 1));
+      // No client on the named port: this waits in the backlog.
+      tx1.add({ readable: [Buffer.from('kept across the restart\n')] });
+      tx1.kick();
+      await tx1.waitForUsed(1, 10_000);
+      fe.close();
+      const exited = once(first.child, 'exit');
+      first.child.kill('SIGTERM');
+      await exited;
+      expect(first.log()).toMatch(/device state saved/);
+    } finally {
+      await first.kill();
+    }
+    const second = await startBackend([vhostTsBin, ...args], listening, 20_000);
+    try {
+      expect(second.log()).toMatch(/device state loaded/);
+      const c = await client(data);
+      await until('the backlog at the new client', () => c.data().toString().includes('kept across the restart\n'));
+      c.socket.destroy();
+    } finally {
+      await second.kill();
+    }
+  }, 60_000);
+
   it('a restarted backend takes up the running driver and every byte of the stream reaches a client', async () => {
     const sock = join(dir, 'c.sock');
     const data = join(dir, 'data.sock');

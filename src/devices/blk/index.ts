@@ -170,6 +170,8 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
       }
     },
     reset: () => Atomics.store(new Int32Array(writeback), 0, 1),
+    // Nothing beyond the config space, which the frontend keeps: requests hold no state between them.
+    state: { kind: 'blk', save: () => ({}), load: () => {} },
     bindFrontend: (f) => {
       frontend = f;
     },

@@ -172,6 +172,8 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
   let ctrlRx: QueueContext | null = null;
   const ctrlOut: Uint8Array[] = [];
   let badMessages = 0;
+  /** Ports the guest had open, from a loaded state (null: none loaded). */
+  let loadedOpen: boolean[] | null = null;
   let size: WindowSize = { cols: 80, rows: 24 };
 
   const bad = (what: string): void => {
@@ -403,7 +405,8 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
         log('the driver set the device up before this backend started: adding its ports again');
         for (const p of ports) {
           p.added = true;
-          p.guestOpen = true;
+          // A saved state knows which ports the guest has open; without one, all are taken as open.
+          p.guestOpen = loadedOpen ? loadedOpen[p.id] : true;
           sendControl(p.id, VIRTIO_CONSOLE_PORT_OPEN, 0);
           sendControl(p.id, VIRTIO_CONSOLE_DEVICE_ADD, 0);
         }
@@ -511,6 +514,28 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
     bindFrontend(f) {
       frontend = f;
     },
+    // For a planned restart (--state-file): which ports the guest has open, and the output waiting for clients.
+    state: {
+      kind: 'console',
+      save: () => ({
+        ports: ports.map((p) => ({ id: p.id, guestOpen: p.guestOpen, backlog: concatBytes(p.backlog, p.backlogBytes), dropped: p.dropped })),
+      }),
+      load(s: object) {
+        const st = s as { ports?: { id: number; guestOpen?: boolean; backlog?: Uint8Array; dropped?: number }[] };
+        const saved = st.ports ?? [];
+        if (saved.some((p) => ports[p.id] === undefined)) throw new RangeError(`a console state with ports ${saved.map((p) => p.id).join(', ')}; this console has ${ports.length}`);
+        loadedOpen = ports.map(() => false);
+        for (const p of saved) {
+          const port = ports[p.id];
+          loadedOpen[p.id] = p.guestOpen ?? false;
+          if (p.backlog && p.backlog.length > 0) {
+            port.backlog.push(p.backlog.slice());
+            port.backlogBytes += p.backlog.length;
+          }
+          port.dropped += p.dropped ?? 0;
+        }
+      },
+    },
     dataPlane: { options: {}, thread: 'main', createQueueHandler, groups: [Array.from({ length: queuesFor(maxPorts) }, (_, i) => i)] },
     ports: () =>
       ports.map((p) => ({
@@ -548,6 +573,16 @@ export function consoleQemuArgs(socketPath: string, maxPorts: number, id = 'cons
 }
 
 /** A chain's device-readable bytes, copied out (the host end writes asynchronously). */
+function concatBytes(parts: readonly Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
 function readAll(chain: DescriptorChain): Uint8Array {
   const bytes = new Uint8Array(chain.readableBytes);
   chain.reader().read(bytes);

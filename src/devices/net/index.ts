@@ -155,6 +155,21 @@ export function netDevice(opts: NetOptions): NetDevice {
     mac: formatMac(mac),
     readConfig: (offset, length) => encodeConfig({ mac: macBytes.slice(), linkUp, queuePairs: pairs, mtu }).slice(offset, offset + length),
     reset: resetMode,
+    // What the driver set through the control queue: the destination of a migration starts from it.
+    state: {
+      kind: 'net',
+      save: () => ({ mac: macBytes.slice(), promiscuous: Atomics.load(mode, 0) === 1, allMulticast: Atomics.load(mode, 1) === 1, activePairs: Atomics.load(mode, 2) }),
+      load(s: object) {
+        const st = s as { mac?: Uint8Array; promiscuous?: boolean; allMulticast?: boolean; activePairs?: number };
+        if (!st.mac || st.mac.length !== 6) throw new RangeError(`a net state with a MAC of ${st.mac?.length ?? 0} bytes`);
+        const active = st.activePairs ?? 1;
+        if (!(active >= 1 && active <= pairs)) throw new RangeError(`a net state with ${active} active queue pairs; this device has ${pairs}`);
+        macBytes.set(st.mac);
+        Atomics.store(mode, 0, st.promiscuous ? 1 : 0);
+        Atomics.store(mode, 1, st.allMulticast ? 1 : 0);
+        Atomics.store(mode, 2, active);
+      },
+    },
     sendRarp(guestMac) {
       macBytes.set(guestMac);
       // Each pair's worker announces once, on its next pass (the guest's next kick on that pair).
