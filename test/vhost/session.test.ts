@@ -42,10 +42,10 @@ describe('negotiation and simple requests', () => {
     const fe = RawFrontend.connect(path);
     try {
       const f = await fe.request({ type: 'GET_FEATURES' }, FrontendRequest.GET_FEATURES);
-      expect(f.kind === 'features' && f.features).toBe((1n << 34n) | (1n << 32n) | (1n << 30n) | (1n << 29n) | (1n << 28n) | (1n << 27n));
+      expect(f.kind === 'features' && f.features).toBe((1n << 34n) | (1n << 32n) | (1n << 30n) | (1n << 29n) | (1n << 28n) | (1n << 27n) | (1n << 26n));
       const p = await fe.request({ type: 'GET_PROTOCOL_FEATURES' }, FrontendRequest.GET_PROTOCOL_FEATURES);
       const offered = p.kind === 'features' ? p.features : 0n;
-      for (const bit of [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.BACKEND_REQ, ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS]) {
+      for (const bit of [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.BACKEND_REQ, ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS, ProtocolFeature.LOG_SHMFD]) {
         expect(offered & (1n << BigInt(bit))).not.toBe(0n);
       }
       expect(offered & (1n << BigInt(ProtocolFeature.CONFIG))).toBe(0n); // rng has no config space
@@ -56,12 +56,13 @@ describe('negotiation and simple requests', () => {
       expect(await fe.request({ type: 'GET_STATUS' }, FrontendRequest.GET_STATUS)).toMatchObject({ value: 0xf });
       // Unsupported and unknown requests: a REPLY_ACK failure, and the connection stays up.
       const logFd = sys.eventfdCreate();
-      expect(await fe.request({ type: 'SET_LOG_FD', fd: logFd, needReply: true } as never, FrontendRequest.SET_LOG_FD)).toMatchObject({ status: 1 });
+      expect(await fe.request({ type: 'SET_LOG_FD', fd: logFd, needReply: true } as never, FrontendRequest.SET_LOG_FD)).toMatchObject({ status: 0 });
       sys.close(logFd);
+      expect(await fe.request({ type: 'SET_VRING_ENDIAN', index: 0, num: 0, needReply: true } as never, FrontendRequest.SET_VRING_ENDIAN)).toMatchObject({ status: 1 });
       expect(await fe.request({ type: 'UNKNOWN', request: 77, payload: new Uint8Array(0), fds: [], needReply: true }, 77 as FrontendRequest)).toMatchObject({ status: 1 });
       expect(await fe.request({ type: 'SET_FEATURES', features: 1n << 40n, needReply: true }, FrontendRequest.SET_FEATURES)).toMatchObject({ status: 1 });
       expect(await fe.request({ type: 'GET_QUEUE_NUM' }, FrontendRequest.GET_QUEUE_NUM)).toMatchObject({ value: 1 });
-      expect(logs.join('\n')).toMatch(/SET_LOG_FD is not supported/);
+      expect(logs.join('\n')).toMatch(/SET_VRING_ENDIAN is not supported/);
     } finally {
       fe.close();
     }
