@@ -30,7 +30,8 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('net migration on one swit
     const ipA = '10.217.0.1';
     const ipB = '10.217.0.2';
     const logs: string[] = [];
-    const log = { info() {}, warn: (m: string) => logs.push(m), error: (m: string) => logs.push(m) };
+    const infos: string[] = [];
+    const log = { info: (m: string) => infos.push(m), warn: (m: string) => logs.push(m), error: (m: string) => logs.push(m) };
     const ports = { b: join(dir, 'b.sock'), aSrc: join(dir, 'a-src.sock'), aDst: join(dir, 'a-dst.sock') };
     const servers = await Promise.all(
       Object.values(ports).map((socketPath, i) =>
@@ -111,6 +112,9 @@ echo "RESULT b done"
     const after = replies.find((t) => t > switchedAt);
     expect(switchedAt).toBeGreaterThan(0);
     expect(after, 'no ping reply after the switch-over').toBeDefined();
+    // QEMU moved the net device's own state too (DEVICE_STATE): saved on the source's port, loaded on the other.
+    console.log(`net migration: device state ${infos.filter((m) => /device state (saved|loaded)/.test(m)).join('; ') || 'not transferred'}`);
+    expect(infos.some((m) => /device state saved/.test(m)) && infos.some((m) => /device state loaded/.test(m))).toBe(true);
     console.log(`net migration: pings resumed ${after! - switchedAt} ms after the switch-over (${replies.length} replies in all)`);
     expect(after! - switchedAt).toBeLessThan(RESUME_MS);
     expect(liveQemuPids()).toEqual([]);
