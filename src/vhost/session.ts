@@ -411,10 +411,7 @@ export class BackendSession {
       if (!this.has(ProtocolFeature.LOG_SHMFD)) throw new RequestFailed('LOG_SHMFD was not negotiated');
       const mapLength = m.mmapOffset + m.mmapSize;
       if (m.mmapSize === 0 || !Number.isSafeInteger(mapLength)) throw new RequestFailed(`a log of ${m.mmapSize} bytes at offset ${m.mmapOffset}`);
-      const st = fstatSync(m.fd);
-      // Past the end of its file a shared mapping is SIGBUS.
-      if (!st.isFile() || st.size < mapLength) throw new RequestFailed(`the log fd holds ${st.size} bytes, the log needs ${mapLength}`);
-      const mapAddress = mmapShared(m.fd, mapLength, 0);
+      const mapAddress = mapFrontendFile(m.fd, mapLength, 'the log');
       mapped = { mapAddress, mapLength, address: mapAddress + m.mmapOffset, length: m.mmapSize };
     } finally {
       close(m.fd);
@@ -509,11 +506,8 @@ export class BackendSession {
       }
       if (m.mmapOffset % 8 !== 0) throw new RequestFailed(`inflight region offset ${m.mmapOffset} is not 8-byte aligned`);
       const mapLength = m.mmapOffset + m.mmapSize;
-      const st = fstatSync(m.fd);
-      // Past the end of its file a shared mapping is SIGBUS.
-      if (!st.isFile() || st.size < mapLength) throw new RequestFailed(`inflight fd holds ${st.size} bytes, the region needs ${mapLength}`);
+      const mapAddress = mapFrontendFile(m.fd, mapLength, 'the inflight region');
       this.unmapInflight();
-      const mapAddress = mmapShared(m.fd, mapLength, 0);
       this.inflight = { mapAddress, mapLength, start: mapAddress + m.mmapOffset, numQueues: m.numQueues, queueSize: m.queueSize, perQueue };
     } finally {
       close(m.fd);
@@ -686,6 +680,16 @@ export class BackendSession {
     }
     return host;
   }
+}
+
+/**
+ * Map `mapLength` bytes of a frontend's file from its start, shared, once it is seen to hold them: past the end of
+ * its file a shared mapping is SIGBUS.
+ */
+function mapFrontendFile(fd: number, mapLength: number, what: string): number {
+  const st = fstatSync(fd);
+  if (!st.isFile() || st.size < mapLength) throw new RequestFailed(`the fd of ${what} holds ${st.size} bytes, ${what} needs ${mapLength}`);
+  return mmapShared(fd, mapLength, 0);
 }
 
 /** Write all of `bytes` to `fd` off the main thread (a pipe the frontend drains), then close it. */

@@ -184,9 +184,10 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
       if (readonly && sizeBytes !== capacity[0] * 512) throw new RangeError('the disk is read-only');
       if (opts.nullSize === undefined) {
         // A block device has the size it has; an image file grows (sparse).
-        if (!statSync(opts.path).isFile()) {
+        const st = statSync(opts.path);
+        if (!st.isFile()) {
           if (probeDisk({ path: opts.path, readonly, direct }) * 512 < sizeBytes) throw new RangeError(`${opts.path} is a block device of ${capacity[0] * 512} bytes`);
-        } else if (statSync(opts.path).size < sizeBytes) truncateSync(opts.path, sizeBytes);
+        } else if (st.size < sizeBytes) truncateSync(opts.path, sizeBytes);
       }
       capacity[0] = sizeBytes / 512;
       frontend?.configChanged();
