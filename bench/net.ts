@@ -48,7 +48,11 @@ const usage = `usage: npm run bench:net [-- options]
   --seconds S          measured window per run, whole seconds (default 5)
   --warmup S           seconds of traffic before the window starts (default 2)
   --frame-sizes LIST   comma-separated frame sizes in bytes (default 64,1518)
-  --cases LIST         transmit,receive (default both)
+  --cases LIST         transmit,receive,switch (default transmit,receive); switch: one testpmd with two
+                       virtio-user ports in io-forward mode (--tx-first) through a two-port backend, vhost-ts
+                       net --switch without and with polling (--poll-us, 200 unless given) against DPDK's
+                       vhost PMD in io-forward mode
+  --case LIST          the same as --cases
   --packed             packed virtqueues (virtio-user packed_vq=1) on both backends; default split
   --retries N          repeat a run (at most N times, default 3; 0 with --quick) when other processes used more
                        than --max-others of a CPU during its window, after waiting up to 60 s for the host to quiet
@@ -69,6 +73,7 @@ const { values: opts } = parseArgs({
     warmup: { type: 'string' },
     'frame-sizes': { type: 'string' },
     cases: { type: 'string' },
+    case: { type: 'string' },
     packed: { type: 'boolean' },
     'dpdk-only': { type: 'boolean' },
     retries: { type: 'string' },
@@ -122,10 +127,10 @@ const frameSizes = (opts['frame-sizes'] ?? '64,1518').split(',').map((s) => {
   }
   return n;
 });
-type Direction = 'transmit' | 'receive';
-const directions = (opts.cases ?? 'transmit,receive').split(',').map((s) => {
-  if (s !== 'transmit' && s !== 'receive') {
-    console.error(`--cases takes transmit and/or receive, not "${s}"`);
+type Direction = 'transmit' | 'receive' | 'switch';
+const directions = (opts.cases ?? opts.case ?? 'transmit,receive').split(',').map((s) => {
+  if (s !== 'transmit' && s !== 'receive' && s !== 'switch') {
+    console.error(`--cases takes transmit, receive and/or switch, not "${s}"`);
     process.exit(2);
   }
   return s as Direction;
@@ -272,7 +277,11 @@ async function hostBusy(ms: number): Promise<number | undefined> {
 // ---------------------------------------------------------------------------------------------------------------
 // Commands
 
-type Side = 'candidate' | 'dpdk';
+/** candidate: vhost-ts (with --poll-us as given, none in the switch case); polled: the switch case with polling. */
+type Side = 'candidate' | 'polled' | 'dpdk';
+/** The switch case's polled side: --poll-us, or 200 us. */
+const switchPollUs = pollUs > 0 ? pollUs : 200;
+const sidesOf = (c: Case): Side[] => (c.direction === 'switch' && candidateIsVhostTs ? ['candidate', 'polled', 'dpdk'] : ['candidate', 'dpdk']);
 
 interface Case {
   direction: Direction;
@@ -286,7 +295,7 @@ let candidateIsVhostTs = false;
 let runCounter = 0;
 
 /** testpmd's EAL and forwarding options shared by both roles (DESIGN.md §6); both lcores on one CPU. */
-function testpmd(cpu: number, prefix: string, vdev: string, forward: string[]): Command {
+function testpmd(cpu: number, prefix: string, vdevs: string[], forward: string[]): Command {
   return {
     file: testpmdPath,
     args: [
@@ -296,8 +305,7 @@ function testpmd(cpu: number, prefix: string, vdev: string, forward: string[]): 
       '-m',
       '512',
       `--file-prefix=${prefix}`,
-      '--vdev',
-      vdev,
+      ...vdevs.flatMap((v) => ['--vdev', v]),
       '--',
       ...forward,
       '--auto-start',
@@ -311,30 +319,45 @@ function testpmd(cpu: number, prefix: string, vdev: string, forward: string[]): 
   };
 }
 
-function frontendCommand(c: Case, socket: string, prefix: string): Command {
-  const forward = c.direction === 'transmit' ? ['--forward-mode=txonly', `--txpkts=${c.frameSize}`] : ['--forward-mode=rxonly'];
-  const vdev = `net_virtio_user0,path=${socket}${packed ? ',packed_vq=1' : ''}`;
-  return pinned(testpmd(pinning?.client ?? 0, prefix, vdev, forward), pinning?.client);
+function frontendCommand(c: Case, sockets: string[], prefix: string): Command {
+  const forward =
+    c.direction === 'transmit'
+      ? ['--forward-mode=txonly', `--txpkts=${c.frameSize}`]
+      : c.direction === 'receive'
+        ? ['--forward-mode=rxonly']
+        : // The loop: a first burst on each port, then every frame received on one port is sent on the other.
+          ['--forward-mode=io', '--tx-first', `--txpkts=${c.frameSize}`];
+  const vdevs = sockets.map((s, i) => `net_virtio_user${i},path=${s}${packed ? ',packed_vq=1' : ''}`);
+  return pinned(testpmd(pinning?.client ?? 0, prefix, vdevs, forward), pinning?.client);
 }
 
-function dpdkBackendCommand(c: Case, socket: string, prefix: string): Command {
-  const forward = c.direction === 'transmit' ? ['--forward-mode=rxonly'] : ['--forward-mode=txonly', `--txpkts=${c.frameSize}`];
-  return pinned(testpmd(pinning?.backend ?? 0, prefix, `net_vhost0,iface=${socket},queues=1`, forward), pinning?.backend);
+function dpdkBackendCommand(c: Case, sockets: string[], prefix: string): Command {
+  const forward =
+    c.direction === 'transmit'
+      ? ['--forward-mode=rxonly']
+      : c.direction === 'receive'
+        ? ['--forward-mode=txonly', `--txpkts=${c.frameSize}`]
+        : ['--forward-mode=io'];
+  const vdevs = sockets.map((s, i) => `net_vhost${i},iface=${s},queues=1`);
+  return pinned(testpmd(pinning?.backend ?? 0, prefix, vdevs, forward), pinning?.backend);
 }
 
-function vhostTsCommand(c: Case, socket: string): Command {
-  const args = [vhostTsBin, 'net', '--socket-path', socket, '--queues', '1'];
-  if (pollUs > 0) args.push('--poll-us', String(pollUs));
-  if (c.direction === 'transmit') args.push('--backend', 'sink');
-  else args.push('--backend', 'source', '--frame-size', String(c.frameSize));
+function vhostTsCommand(c: Case, sockets: string[], side: Side): Command {
+  const args = [vhostTsBin, 'net', ...sockets.flatMap((s) => ['--socket-path', s])];
+  const poll = c.direction === 'switch' ? (side === 'polled' ? switchPollUs : 0) : pollUs;
+  if (poll > 0) args.push('--poll-us', String(poll));
+  if (c.direction === 'switch') args.push('--switch', 'bench');
+  else if (c.direction === 'transmit') args.push('--queues', '1', '--backend', 'sink');
+  else args.push('--queues', '1', '--backend', 'source', '--frame-size', String(c.frameSize));
   return pinned({ file: process.execPath, args }, pinning?.backend);
 }
 
 /** The command lines, with placeholders, for the report. */
 const commandLines = new Map<string, string>();
 
-function remember(label: string, cmd: Command, socket: string, prefix: string | undefined): void {
-  let line = shellLine(cmd).split(socket).join('SOCK');
+function remember(label: string, cmd: Command, sockets: string[], prefix: string | undefined): void {
+  let line = shellLine(cmd);
+  sockets.forEach((s, i) => (line = line.split(s).join(sockets.length > 1 ? `SOCK${i}` : 'SOCK')));
   if (prefix) line = line.split(prefix).join('PREFIX');
   line = line
     .split(vhostTsBin)
@@ -344,7 +367,8 @@ function remember(label: string, cmd: Command, socket: string, prefix: string | 
     .split(testpmdPath)
     .join('dpdk-testpmd')
     .replace(/--txpkts=\d+/, '--txpkts=FRAME')
-    .replace(/--frame-size \d+/, '--frame-size FRAME');
+    .replace(/--frame-size \d+/, '--frame-size FRAME')
+    .replace(/--poll-us \d+/, '--poll-us N');
   commandLines.set(label, line);
 }
 
@@ -378,6 +402,7 @@ interface Run {
 }
 
 function sideLabel(side: Side): string {
+  if (side === 'polled') return `vhost-ts --poll-us ${switchPollUs}`;
   return side === 'dpdk' ? 'DPDK' : candidateIsVhostTs ? 'vhost-ts' : 'DPDK (stand-in)';
 }
 
@@ -390,32 +415,37 @@ class RunFailure extends Error {}
 
 async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
   const n = runCounter++;
-  const socket = path.join(tempDir!, `net-${n}.sock`);
+  const sockets = Array.from({ length: c.direction === 'switch' ? 2 : 1 }, (_, i) => path.join(tempDir!, `net-${n}-${i}.sock`));
   const backendPrefix = `vhost-ts-bench-net-${process.pid}-${n}b`;
   const frontendPrefix = `vhost-ts-bench-net-${process.pid}-${n}f`;
   let backend: Proc | undefined;
   let frontend: Proc | undefined;
   try {
-    const useVhostTs = side === 'candidate' && candidateIsVhostTs;
-    const backendCmd = useVhostTs ? vhostTsCommand(c, socket) : dpdkBackendCommand(c, socket, backendPrefix);
+    const useVhostTs = side !== 'dpdk' && candidateIsVhostTs;
+    const backendCmd = useVhostTs ? vhostTsCommand(c, sockets, side) : dpdkBackendCommand(c, sockets, backendPrefix);
     if (!useVhostTs) runtimeDirs.add(dpdkRuntimeDir(backendPrefix));
-    remember(`${c.direction} backend ${useVhostTs ? 'vhost-ts' : 'DPDK'}`, backendCmd, socket, useVhostTs ? undefined : backendPrefix);
+    remember(`${c.direction} backend ${useVhostTs ? sideLabel(side) : 'DPDK'}`, backendCmd, sockets, useVhostTs ? undefined : backendPrefix);
     backend = procs.start(`${sideLabel(side)} backend`, backendCmd, TESTPMD_STOP);
     const backendStats = useVhostTs ? undefined : new TestpmdStats(backend);
-    await waitForSocketFile(backend, socket, useVhostTs ? 60_000 : 30_000);
+    for (const socket of sockets) await waitForSocketFile(backend, socket, useVhostTs ? 60_000 : 30_000);
     // bind() creates the file before listen(): give the backend a moment before the frontend connects.
     await sleep(200);
 
-    const frontendCmd = frontendCommand(c, socket, frontendPrefix);
+    const frontendCmd = frontendCommand(c, sockets, frontendPrefix);
     runtimeDirs.add(dpdkRuntimeDir(frontendPrefix));
-    remember(`${c.direction} frontend`, frontendCmd, socket, frontendPrefix);
+    remember(`${c.direction} frontend`, frontendCmd, sockets, frontendPrefix);
     frontend = procs.start('testpmd frontend (virtio-user)', frontendCmd, TESTPMD_STOP);
     const stats = new TestpmdStats(frontend);
+    // The loop counts what the frontend received on both ports: every such frame crossed the backend once.
     const dir = c.direction === 'transmit' ? 'tx' : 'rx';
-    const counted = () => {
-      const b = stats.blocks.at(-1);
-      return b === undefined ? 0 : dir === 'tx' ? b.txPackets : b.rxPackets;
-    };
+    const ports = sockets.map((_, i) => i);
+    const blocksOf = (p: number) => stats.blocks.filter((b) => b.port === p);
+    const blocksPerSecond = ports.length;
+    const counted = () =>
+      ports.reduce((sum, p) => {
+        const b = blocksOf(p).at(-1);
+        return sum + (b === undefined ? 0 : dir === 'tx' ? b.txPackets : b.rxPackets);
+      }, 0);
     const failure = (what: string) =>
       new RunFailure(`${c.name}, ${sideLabel(side)}: ${what}\n${frontend!.describe()}\n${backend!.describe()}`);
     const check = () => {
@@ -425,17 +455,18 @@ async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
 
     // Traffic: the first block with packets counted (the link comes up once the backend has the rings).
     const deadline = performance.now() + 30_000;
-    while (counted() === 0) {
+    while (counted() === 0 || stats.blocks.length % blocksPerSecond !== 0) {
       check();
       if (performance.now() > deadline) throw failure('no packets counted at the frontend within 30 s');
       await stats.waitForBlocks(stats.blocks.length + 1, 5000, frontend);
     }
-    const first = stats.blocks.length - 1;
+    // Seconds, counted in blocks of one port (testpmd prints one block per port per period).
+    const first = stats.blocks.length / blocksPerSecond - 1;
     const from = first + warmupSeconds;
     const to = from + windowSeconds;
     const meter = new OthersMeter([frontend.pid, backend.pid]);
     for (let want = first + 1; want <= to + 1; want++) {
-      if (!(await stats.waitForBlocks(want, 10_000, frontend))) {
+      if (!(await stats.waitForBlocks(want * blocksPerSecond, 10_000, frontend))) {
         check();
         throw failure(`no statistics from the frontend for 10 s (expected one a second)`);
       }
@@ -443,7 +474,15 @@ async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
     }
     check();
     const cpu = meter.end();
-    const w = windowBetween(stats.blocks, from, to, dir);
+    const perPort = ports.map((p) => windowBetween(blocksOf(p), from, to, dir));
+    const w = {
+      packets: perPort.reduce((a, x) => a + x.packets, 0),
+      bytes: perPort.reduce((a, x) => a + x.bytes, 0),
+      // Both ports' blocks come from one counter read per period: their intervals are the same.
+      seconds: perPort[0].seconds,
+      wallSeconds: perPort[0].wallSeconds,
+      perInterval: perPort[0].perInterval.map((_, i) => perPort.reduce((a, x) => a + x.perInterval[i], 0)),
+    };
     if (w.packets <= 0) throw failure(`no packets in the measured window (${counted()} counted before it)`);
     // Frontend first: it disconnects cleanly (GET_VRING_BASE) while the backend is still there.
     await frontend.stop();
@@ -473,7 +512,7 @@ async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
   } finally {
     await stopQuietly(frontend);
     await stopQuietly(backend);
-    fs.rmSync(socket, { force: true });
+    for (const socket of sockets) fs.rmSync(socket, { force: true });
     removeRuntimeDirs();
   }
 }
@@ -518,10 +557,11 @@ function checkRun(c: Case, r: Run): void {
 }
 
 async function measure(c: Case, index: number): Promise<Measured> {
-  const runs: Record<Side, Run[]> = { candidate: [], dpdk: [] };
+  const runs: Record<Side, Run[]> = { candidate: [], polled: [], dpdk: [] };
   const failures: Measured['failures'] = [];
   for (let r = 0; r < reps; r++) {
-    const order: Side[] = (r + index) % 2 === 0 ? ['candidate', 'dpdk'] : ['dpdk', 'candidate'];
+    const sides = sidesOf(c);
+    const order: Side[] = (r + index) % 2 === 0 ? sides : [...sides].reverse();
     for (const side of order) {
       let run: Run | undefined;
       const cpu = (x: number | undefined) => (x === undefined ? '?' : `${(x * 100).toFixed(0)}%`);
@@ -597,7 +637,11 @@ async function main(): Promise<void> {
   if (tempDir.includes(',')) throw new Error(`temporary directory ${tempDir} has a comma, which DPDK's devargs cannot take`);
 
   const cases: Case[] = directions.flatMap((direction) =>
-    frameSizes.map((frameSize) => ({ direction, frameSize, name: `${direction} ${frameSize} B${packed ? ', packed ring' : ''}` })),
+    frameSizes.map((frameSize) => ({
+      direction,
+      frameSize,
+      name: `${direction === 'switch' ? 'switch loop' : direction} ${frameSize} B${packed ? ', packed ring' : ''}`,
+    })),
   );
   const measured: Measured[] = [];
   for (const c of cases) measured.push(await measure(c, measured.length));
@@ -606,18 +650,20 @@ async function main(): Promise<void> {
   const candidate = candidateIsVhostTs ? 'vhost-ts' : 'DPDK (stand-in)';
   const results: { name: string; value: number; unit: string; reference: number; ratio: number }[] = [];
   for (const m of measured) {
-    if (m.runs.candidate.length === 0 || m.runs.dpdk.length === 0) continue;
-    const v = median(m.runs.candidate.map((r) => r.mpps));
-    const d = median(m.runs.dpdk.map((r) => r.mpps));
-    const suffix = candidateIsVhostTs ? '' : ' (DPDK stand-in for vhost-ts)';
-    results.push({ name: `${m.case.name}${suffix}`, value: v, unit: 'Mpps', reference: d, ratio: v / d });
-    results.push({
-      name: `${m.case.name}${suffix}, Gbit/s`,
-      value: gbps(v, m.case.frameSize),
-      unit: 'Gbit/s',
-      reference: gbps(d, m.case.frameSize),
-      ratio: v / d,
-    });
+    for (const side of ['candidate', 'polled'] as const) {
+      if (m.runs[side].length === 0 || m.runs.dpdk.length === 0) continue;
+      const v = median(m.runs[side].map((r) => r.mpps));
+      const d = median(m.runs.dpdk.map((r) => r.mpps));
+      const suffix = (candidateIsVhostTs ? '' : ' (DPDK stand-in for vhost-ts)') + (side === 'polled' ? `, --poll-us ${switchPollUs}` : '');
+      results.push({ name: `${m.case.name}${suffix}`, value: v, unit: 'Mpps', reference: d, ratio: v / d });
+      results.push({
+        name: `${m.case.name}${suffix}, Gbit/s`,
+        value: gbps(v, m.case.frameSize),
+        unit: 'Gbit/s',
+        reference: gbps(d, m.case.frameSize),
+        ratio: v / d,
+      });
+    }
   }
 
   const pinText = pinning
@@ -636,6 +682,8 @@ async function main(): Promise<void> {
     'Gbit/s = frame bytes x 8 x packets/s, without the 20 bytes of preamble and inter-frame gap (or the 4-byte FCS) a wire would add',
     'transmit: frontend txonly -> backend sink (vhost-ts) / rxonly (DPDK), counted as the frontend\'s TX packets (enqueued on its TX ring);',
     'receive: backend source (vhost-ts) / txonly (DPDK) -> frontend rxonly, counted as the frontend\'s RX packets',
+    'switch loop: one testpmd, two virtio-user ports, io forward with --tx-first, through vhost-ts net --switch (two ports) /',
+    '  DPDK\'s vhost PMD (two ports, io forward); counted as the frontend\'s RX packets on both ports (each crossed the backend once)',
     'CPU: the backend process\'s CPU time over the window / the window (median; DPDK\'s lcore polls, so ~100% unless other work competes)',
   ];
 
@@ -661,6 +709,7 @@ async function main(): Promise<void> {
           name: m.case.name,
           frameSize: m.case.frameSize,
           candidate: m.runs.candidate,
+          ...(m.runs.polled.length ? { polled: m.runs.polled, pollUs: switchPollUs } : {}),
           dpdk: m.runs.dpdk,
           failures: m.failures,
         })),
@@ -676,27 +725,30 @@ async function main(): Promise<void> {
     return xs.length ? `${(median(xs) * 100).toFixed(0)}%` : '';
   };
   for (const m of measured) {
-    const v = m.runs.candidate.length ? median(m.runs.candidate.map((r) => r.mpps)) : undefined;
-    const d = m.runs.dpdk.length ? median(m.runs.dpdk.map((r) => r.mpps)) : undefined;
-    const perRep = m.runs.candidate.flatMap((r) => {
-      const other = m.runs.dpdk.find((x) => x.rep === r.rep);
-      return other ? [r.mpps / other.mpps] : [];
-    });
-    const failed = (side: Side) => {
-      const n = m.failures.filter((f) => f.side === side).length;
-      return n ? ` (${n} failed)` : '';
-    };
-    rows.push([
-      m.case.name,
-      v === undefined ? 'failed' : `${v.toFixed(3)}${failed('candidate')}`,
-      v === undefined ? '' : gbps(v, m.case.frameSize).toFixed(2),
-      cpuCell(m.runs.candidate),
-      d === undefined ? 'failed' : `${d.toFixed(3)}${failed('dpdk')}`,
-      d === undefined ? '' : gbps(d, m.case.frameSize).toFixed(2),
-      cpuCell(m.runs.dpdk),
-      v === undefined || d === undefined ? '' : (v / d).toFixed(2),
-      perRep.length ? `${Math.min(...perRep).toFixed(2)}-${Math.max(...perRep).toFixed(2)}` : '',
-    ]);
+    for (const side of ['candidate', 'polled'] as const) {
+      if (side === 'polled' && m.runs.polled.length === 0 && !m.failures.some((f) => f.side === 'polled')) continue;
+      const v = m.runs[side].length ? median(m.runs[side].map((r) => r.mpps)) : undefined;
+      const d = m.runs.dpdk.length ? median(m.runs.dpdk.map((r) => r.mpps)) : undefined;
+      const perRep = m.runs[side].flatMap((r) => {
+        const other = m.runs.dpdk.find((x) => x.rep === r.rep);
+        return other ? [r.mpps / other.mpps] : [];
+      });
+      const failed = (s: Side) => {
+        const n = m.failures.filter((f) => f.side === s).length;
+        return n ? ` (${n} failed)` : '';
+      };
+      rows.push([
+        side === 'polled' ? `${m.case.name}, --poll-us ${switchPollUs}` : m.case.name,
+        v === undefined ? 'failed' : `${v.toFixed(3)}${failed(side)}`,
+        v === undefined ? '' : gbps(v, m.case.frameSize).toFixed(2),
+        cpuCell(m.runs[side]),
+        d === undefined ? 'failed' : `${d.toFixed(3)}${failed('dpdk')}`,
+        d === undefined ? '' : gbps(d, m.case.frameSize).toFixed(2),
+        cpuCell(m.runs.dpdk),
+        v === undefined || d === undefined ? '' : (v / d).toFixed(2),
+        perRep.length ? `${Math.min(...perRep).toFixed(2)}-${Math.max(...perRep).toFixed(2)}` : '',
+      ]);
+    }
   }
   const failures = measured.flatMap((m) => m.failures.map((f) => `${m.case.name} rep ${f.rep + 1}: ${sideLabel(f.side)}: ${f.error.split('\n')[0]}`));
   console.log(

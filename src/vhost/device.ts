@@ -6,7 +6,9 @@
  *   config space, queue count and size, reset;
  * - the data half, a module exporting `createQueueHandler` ({@link QueueHandlerFactory}) that the framework loads
  *   in each queue worker (or on the main thread for low-rate devices). Workers cannot receive functions, so the
- *   data half is named by module URL and given structured-cloneable options.
+ *   data half is named by module URL and given structured-cloneable options. A device whose queues work together
+ *   (a switch forwarding between the queues of several frontends) exports `createThreadHandler` instead
+ *   ({@link ThreadHandlerFactory}): one handler per thread that sees every queue the thread serves.
  *
  * @example A complete device: see src/devices/rng (virtio-rng), about forty lines.
  * ```ts
@@ -72,6 +74,15 @@ export interface DataPlane<O> {
   thread?: 'worker' | 'main';
   /** Queues served by one worker together, e.g. [[0, 1], [2, 3]]. Default: one worker per queue. */
   groups?: number[][];
+  /**
+   * Devices of one process whose data planes give the same key share one worker thread: every queue of each
+   * (of whichever frontend connects to it) is served there, by one {@link ThreadHandler}. For devices that move
+   * data between each other's queues (the ports of a switch), so that it never crosses threads. Their modules
+   * must be the same; the first device's pollUs applies.
+   */
+  shareThread?: string;
+  /** thread 'main' only: the thread handler factory itself (instead of a module exporting createThreadHandler). */
+  createThreadHandler?(thread: ThreadContext): ThreadHandler<O>;
   /**
    * Busy-poll: after serving chains, spin up to this many microseconds for more before sleeping on the kick
    * eventfd (default 0). Trades a busy CPU for fewer wakeups and kicks; use it on a dedicated core.
@@ -140,6 +151,11 @@ export interface FrontendLink {
 /** What a queue handler gets when it is created (in the thread that will run it). */
 export interface QueueContext<O = unknown> {
   readonly queueIndex: number;
+  /**
+   * Which device this queue belongs to among those whose queues this thread serves (DataPlane.shareThread), the
+   * same number for every queue of one device for the thread's lifetime; 0 in a thread of one device.
+   */
+  readonly device: number;
   /** The queue this handler serves (the same object `process` gets), e.g. to fill it from another source. */
   readonly queue: Virtqueue;
   readonly options: O;
@@ -181,6 +197,13 @@ export interface QueueHandler {
    */
   process(queue: Virtqueue): void;
   /**
+   * false: the driver need not kick this queue, as its chains are taken when the device has something for them (a
+   * switch port's receive queue), not when they arrive. The framework then keeps the driver's notifications off,
+   * which saves the driver a syscall per refill and this thread a wakeup; process() runs once at start and on
+   * ctx.resume(). Default true.
+   */
+  readonly needsKicks?: boolean;
+  /**
    * Complete every chain in flight before returning (block on your I/O). Called before the memory table changes:
    * chains popped earlier point into mappings that are about to go away.
    */
@@ -190,3 +213,42 @@ export interface QueueHandler {
 }
 
 export type QueueHandlerFactory<O = unknown> = (ctx: QueueContext<O>) => QueueHandler;
+
+/** What a thread handler gets: the thread's own services, for fds that are not any one queue's. */
+export interface ThreadContext {
+  /** Watch an fd in this thread (a switch's tap uplink). A throw from `onReadable` is logged, not fatal. */
+  watch(fd: number, onReadable: () => void): { close(): void };
+  log(message: string): void;
+}
+
+/**
+ * One per data-plane thread: sees every queue the thread serves, of every device that shares it (like rust-vmm's
+ * handle_event over a worker's vrings). A module exporting only `createQueueHandler` gets a thread handler that
+ * calls it for each queue.
+ *
+ * @example Queues of one device paired up without any module-global state:
+ * ```ts
+ * export function createThreadHandler(thread: ThreadContext): ThreadHandler<Opts> {
+ *   const devices = new Map<number, { rx?: Virtqueue }>();
+ *   return {
+ *     createQueueHandler(ctx) {
+ *       const d = devices.get(ctx.device) ?? devices.set(ctx.device, {}).get(ctx.device)!;
+ *       if (ctx.queueIndex === 0) d.rx = ctx.queue;
+ *       return { process(q) { ... }, stop() { if (ctx.queueIndex === 0) d.rx = undefined; } };
+ *     },
+ *     endOfBatch() { ... publish what process() calls filled in other queues ... },
+ *   };
+ * }
+ * ```
+ */
+export interface ThreadHandler<O = unknown> {
+  /** A queue starts in this thread (ctx.device tells whose). */
+  createQueueHandler(ctx: QueueContext<O>): QueueHandler;
+  /**
+   * The thread served a batch: the kicks of one wakeup, or one pass over its polled queues. Publish here what
+   * the batch's process() calls put into other queues, so each gets one notification per batch, not per frame.
+   */
+  endOfBatch?(): void;
+}
+
+export type ThreadHandlerFactory<O = unknown> = (thread: ThreadContext) => ThreadHandler<O>;

@@ -5,7 +5,7 @@
  */
 import { eventfdWrite, viewOf } from '../sys/index.js';
 import { DirtyLog, GuestMemory, PackedQueue, SplitQueue, VirtqueueError, type RingQueue } from '../virtqueue/index.js';
-import type { QueueContext, QueueHandler, QueueHandlerFactory } from './device.js';
+import type { QueueContext, QueueHandler, ThreadHandler } from './device.js';
 import { guestMemoryOf, type MappedRegion } from './memory-map.js';
 
 /** Everything a queue needs to start, as plain data (it crosses to workers). */
@@ -88,17 +88,61 @@ export class QueueRunner {
   private readonly queues = new Map<number, RunningQueue>();
   /** Where queues dropped for unusable rings stopped, for the GET_VRING_BASE that follows. */
   private readonly droppedAt = new Map<number, number>();
+  /**
+   * Queues being polled (notifications off) and until when, in performance.now() milliseconds: the hosting thread
+   * calls poll() while any are, instead of sleeping.
+   */
+  private readonly polled = new Map<number, number>();
 
   /**
-   * @param pollUs after a pass that served chains, spin this long for more before re-arming notifications and
-   *   sleeping (0: never). Saves the kick/wakeup round trip on both sides; costs a busy CPU while traffic flows.
+   * @param pollUs after a pass that served chains, keep the queue's notifications off and look at it again on each
+   *   of the thread's poll passes, for this long, before re-arming them and sleeping (0: never). Saves the
+   *   kick/wakeup round trip on both sides; costs a busy CPU while traffic flows.
+   * @param device this runner's number among the devices sharing the thread (QueueContext.device).
    */
   constructor(
-    private readonly factory: QueueHandlerFactory,
+    private readonly thread: ThreadHandler,
     private readonly options: unknown,
     private readonly env: RunnerEnvironment,
     private readonly pollUs = 0,
+    private readonly device = 0,
   ) {}
+
+  /** Whether some queue is being polled: the hosting thread should call poll() rather than sleep. */
+  get polling(): boolean {
+    return this.polled.size > 0;
+  }
+
+  /**
+   * One poll pass over the polled queues: serve those with chains, re-arm and drop those idle past their time.
+   * @param now performance.now()
+   */
+  poll(now: number): void {
+    this.pollNow = now;
+    // forEach, not for-of: a pass runs per few microseconds while polling, and must not allocate.
+    this.polled.forEach(this.pollOne);
+  }
+
+  private pollNow = 0;
+  private readonly pollOne = (until: number, index: number): void => {
+    const rq = this.queues.get(index);
+    if (!rq || !rq.enabled || rq.queue.broken) {
+      this.polled.delete(index);
+      return;
+    }
+    const q = rq.queue;
+    if (q.hasAvailable()) {
+      this.kick(index);
+    } else if (this.pollNow > until) {
+      this.polled.delete(index);
+      // Re-armed: a driver that published meanwhile did not kick; serve what it published.
+      try {
+        if (q.enableNotification()) this.kick(index);
+      } catch (e) {
+        this.fail(rq, e);
+      }
+    }
+  };
 
   handle(req: RunnerRequest): RunnerReply {
     try {
@@ -182,10 +226,15 @@ export class QueueRunner {
         rq.handler.process(q);
         this.publish(rq);
         if (q.broken) break;
+        // Notifications stay off for good: the device takes chains when it has data for them.
+        if (rq.handler.needsKicks === false) break;
         const took = q.popped !== before;
-        // Spin only while idle: with chains in flight (asynchronous I/O) the kernel's workers, often on this very
-        // CPU, are what we wait for, and their completion wakes us anyway.
-        if (this.pollUs > 0 && took && q.inFlight === 0 && this.pollForWork(q)) continue;
+        // Poll only while idle: with chains in flight (asynchronous I/O) the kernel's workers, often on this very
+        // CPU, are what we wait for, and their completion wakes us anyway. Notifications stay off meanwhile.
+        if (this.pollUs > 0 && took && q.inFlight === 0) {
+          this.polled.set(index, performance.now() + this.pollUs / 1000);
+          break;
+        }
         // Re-arm, then look once more: a driver that published while notifications were off did not kick, and
         // will not (a full ring never kicks again). Sleeping now would stall the queue for good.
         if (!q.enableNotification()) break;
@@ -195,15 +244,6 @@ export class QueueRunner {
     } catch (e) {
       this.fail(rq, e);
     }
-  }
-
-  /** Spin (notifications still suppressed) until the driver adds chains or pollUs passes. */
-  private pollForWork(q: RingQueue): boolean {
-    const deadline = performance.now() + this.pollUs / 1000;
-    do {
-      if (q.hasAvailable()) return true;
-    } while (performance.now() < deadline);
-    return q.hasAvailable();
   }
 
   private setMemory(regions: MappedRegion[]): void {
@@ -217,6 +257,7 @@ export class QueueRunner {
         // Its rings are gone from the new table. The queue still holds views of the old mappings, which the
         // session unmaps next: drop it without touching ring memory again (that would be SIGSEGV).
         this.queues.delete(index);
+        this.polled.delete(index);
         this.env.unwatchKick(index);
         this.droppedAt.set(index, rq.queue.vringBase());
         // The handler lets go of what it holds (an io_uring, references to this queue), or it leaks past the
@@ -246,6 +287,7 @@ export class QueueRunner {
     this.applyLog(rq);
     const ctx: QueueContext = {
       queueIndex: c.index,
+      device: this.device,
       queue,
       options: this.options,
       features: c.features,
@@ -264,7 +306,7 @@ export class QueueRunner {
       log: (message) => this.env.log(`queue ${c.index}: ${message}`),
     };
     if (queue.recovered > 0) ctx.log(`${queue.recovered} requests were in flight when the previous backend stopped: running them again first`);
-    rq.handler = this.factory(ctx);
+    rq.handler = this.thread.createQueueHandler(ctx);
     this.queues.set(c.index, rq);
     try {
       this.env.watchKick(c.index, c.kickFd);
@@ -288,6 +330,7 @@ export class QueueRunner {
       return dropped;
     }
     this.queues.delete(index);
+    this.polled.delete(index);
     try {
       rq.handler.drain?.(rq.queue);
     } catch (e) {

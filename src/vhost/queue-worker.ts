@@ -2,75 +2,122 @@
  * Entry of a queue worker thread. It blocks in epoll_wait on its queues' kick eventfds, the device's own fds and
  * a control eventfd; a thread blocked in a native call cannot get postMessage events, so the session writes the
  * control eventfd and the worker pulls requests with receiveMessageOnPort.
+ *
+ * One thread may serve the queues of several devices (DataPlane.shareThread): each is a lane with its own
+ * QueueRunner (its own memory table and queues), all under the module's one thread handler.
  */
 import { receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { Epoll, eventfdRead } from '../sys/index.js';
-import type { QueueHandlerFactory } from './device.js';
+import type { ThreadHandler } from './device.js';
 import { QueueRunner, type RunnerRequest } from './queue-runner.js';
+import { loadThreadHandler, MAX_LANE_QUEUES } from './thread-handler.js';
 
 interface WorkerInit {
   module: string;
-  options: unknown;
   controlFd: number;
   port: MessagePort;
   name: string;
   pollUs: number;
 }
 
+/** What the host sends: a lane to create, a request for a lane, or the end. */
+type WorkerMessage =
+  | { id: number; lane: number; create: { options: unknown; name: string } }
+  | { id: number; lane: number; request: RunnerRequest }
+  | { id: number; lane: number; drop: true }
+  | { id: number; exit: true };
+
 const CONTROL = 0xffffffff;
-const WATCH_BASE = 0x10000; // tokens below are queue indexes (kick fds)
+// Tokens below are kick fds: lane * MAX_LANE_QUEUES + queue index. Tokens from here up are the handlers' own fds.
+const WATCH_BASE = 0x80000000;
+// While polling, how often the thread still looks at its fds (control requests, kicks of queues not polled).
+const POLL_EPOLL_MS = 0.05;
 
 const init = workerData as WorkerInit;
 const port = init.port;
 const epoll = new Epoll(64);
 const kickFds = new Map<number, number>();
 const watches = new Map<number, { fd: number; onReadable: () => void }>();
+const lanes = new Map<number, QueueRunner>();
+/** The same runners, for the poll loop (iterating a Map allocates). */
+let runners: QueueRunner[] = [];
 let nextWatch = WATCH_BASE;
 
-let factory: QueueHandlerFactory;
+function watch(fd: number, onReadable: () => void): { close(): void } {
+  const token = nextWatch++;
+  epoll.add(fd, token);
+  watches.set(token, { fd, onReadable });
+  return {
+    close() {
+      if (watches.delete(token)) epoll.remove(fd);
+    },
+  };
+}
+
+const log = (message: string) => port.postMessage({ log: `${init.name}: ${message}` });
+
+let thread: ThreadHandler;
 try {
-  const mod = (await import(init.module)) as { createQueueHandler?: QueueHandlerFactory };
-  if (typeof mod.createQueueHandler !== 'function') {
-    throw new Error(`${init.module} does not export createQueueHandler(ctx)`);
-  }
-  factory = mod.createQueueHandler;
+  thread = await loadThreadHandler(new URL(init.module), {
+    watch: (fd, onReadable) =>
+      watch(fd, () => {
+        try {
+          onReadable();
+        } catch (e) {
+          log(`${(e as Error).message}`);
+        }
+      }),
+    log,
+  });
 } catch (e) {
   port.postMessage({ ready: false, error: (e as Error).message });
   process.exit(1);
 }
 
-const runner = new QueueRunner(factory, init.options, {
-  watch(fd, onReadable) {
-    const token = nextWatch++;
-    epoll.add(fd, token);
-    watches.set(token, { fd, onReadable });
-    return {
-      close() {
-        if (watches.delete(token)) epoll.remove(fd);
+function createLane(lane: number, options: unknown, name: string): QueueRunner {
+  const base = lane * MAX_LANE_QUEUES;
+  const key = (index: number) => {
+    if (index >= MAX_LANE_QUEUES) throw new RangeError(`queue ${index}: a thread serves at most ${MAX_LANE_QUEUES} queues per device`);
+    return base + index;
+  };
+  return new QueueRunner(
+    thread,
+    options,
+    {
+      watch,
+      watchKick(index, fd) {
+        epoll.add(fd, key(index));
+        kickFds.set(key(index), fd);
       },
-    };
-  },
-  watchKick(index, fd) {
-    epoll.add(fd, index);
-    kickFds.set(index, fd);
-  },
-  unwatchKick(index) {
-    const fd = kickFds.get(index);
-    if (fd === undefined) return;
-    kickFds.delete(index);
-    epoll.remove(fd);
-  },
-  log(message) {
-    port.postMessage({ log: `${init.name}: ${message}` });
-  },
-}, init.pollUs);
+      unwatchKick(index) {
+        const fd = kickFds.get(key(index));
+        if (fd === undefined) return;
+        kickFds.delete(key(index));
+        epoll.remove(fd);
+      },
+      log: (message) => port.postMessage({ log: `${name}: ${message}` }),
+    },
+    init.pollUs,
+    lane,
+  );
+}
 
 epoll.add(init.controlFd, CONTROL);
 port.postMessage({ ready: true });
 
 let running = true;
+let polling = false;
+let lastEpoll = 0;
 while (running) {
-  const n = epoll.wait(-1);
+  let n = 0;
+  if (!polling) n = epoll.wait(-1);
+  else {
+    const now = performance.now();
+    if (now - lastEpoll >= POLL_EPOLL_MS) {
+      n = epoll.wait(0);
+      lastEpoll = now;
+    }
+  }
   for (let i = 0; i < n; i++) {
     const token = epoll.token(i);
     if (token === CONTROL) {
@@ -82,11 +129,23 @@ while (running) {
       // A kick fd replaced in this same batch: its stale event is dropped.
       if (fd === undefined) continue;
       eventfdRead(fd);
-      runner.kicked(token);
+      lanes.get(Math.floor(token / MAX_LANE_QUEUES))?.kicked(token % MAX_LANE_QUEUES);
     } else {
       watches.get(token)?.onReadable();
     }
   }
+  if (!running) break;
+  polling = false;
+  if (init.pollUs > 0) {
+    const now = performance.now();
+    for (let i = 0; i < runners.length; i++) {
+      const runner = runners[i];
+      if (!runner.polling) continue;
+      runner.poll(now);
+      polling ||= runner.polling;
+    }
+  }
+  thread.endOfBatch?.();
 }
 epoll.close();
 port.close();
@@ -95,11 +154,24 @@ function serveControl(): boolean {
   for (;;) {
     const m = receiveMessageOnPort(port);
     if (!m) return true;
-    const msg = m.message as { id: number; request: RunnerRequest | { op: 'exit' } };
-    if (msg.request.op === 'exit') {
+    const msg = m.message as WorkerMessage;
+    if ('exit' in msg) {
+      for (const runner of lanes.values()) runner.handle({ op: 'reset' });
       port.postMessage({ id: msg.id, reply: { ok: true, value: 0 } });
       return false;
     }
-    port.postMessage({ id: msg.id, reply: runner.handle(msg.request) });
+    if ('create' in msg) {
+      lanes.set(msg.lane, createLane(msg.lane, msg.create.options, msg.create.name));
+      runners = [...lanes.values()];
+      port.postMessage({ id: msg.id, reply: { ok: true, value: 0 } });
+    } else if ('drop' in msg) {
+      lanes.get(msg.lane)?.handle({ op: 'reset' });
+      lanes.delete(msg.lane);
+      runners = [...lanes.values()];
+      port.postMessage({ id: msg.id, reply: { ok: true, value: 0 } });
+    } else {
+      const runner = lanes.get(msg.lane);
+      port.postMessage({ id: msg.id, reply: runner ? runner.handle(msg.request) : { ok: false, error: `no lane ${msg.lane} in this thread` } });
+    }
   }
 }

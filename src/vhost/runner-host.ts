@@ -4,9 +4,10 @@
  */
 import { MessageChannel, type MessagePort, type Worker } from 'node:worker_threads';
 import { close, eventfdCreate, eventfdRead, eventfdWrite, watchReadable, type FdWatch } from '../sys/index.js';
-import type { QueueHandlerFactory } from './device.js';
+import type { QueueHandlerFactory, ThreadHandler, ThreadHandlerFactory } from './device.js';
 import { QueueRunner, type RunnerReply, type RunnerRequest } from './queue-runner.js';
 import { spawnWorker } from './spawn-worker.js';
+import { threadHandlerOf } from './thread-handler.js';
 
 export interface RunnerHost {
   request(req: RunnerRequest): Promise<number>;
@@ -20,6 +21,8 @@ export interface RunnerHostOptions {
   module?: URL;
   /** Inline hosts only: the factory, instead of a module to import. */
   factory?: QueueHandlerFactory;
+  /** Inline hosts only: the thread handler factory, instead of a module to import. */
+  threadFactory?: ThreadHandlerFactory;
   options: unknown;
   name: string;
   log: (message: string) => void;
@@ -28,10 +31,15 @@ export interface RunnerHostOptions {
 
 const workerEntry = new URL(`./queue-worker${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url);
 
-export class WorkerHost implements RunnerHost {
+/**
+ * A queue worker thread. It serves lanes, one per device whose queues it runs (one, or several with
+ * DataPlane.shareThread); each lane is a RunnerHost of its own.
+ */
+export class WorkerThread {
   private readonly port: MessagePort;
   private readonly pending = new Map<number, { resolve: (v: number) => void; reject: (e: Error) => void }>();
   private nextId = 1;
+  private nextLane = 0;
   private dead: Error | null = null;
   private closed = false;
 
@@ -44,16 +52,16 @@ export class WorkerHost implements RunnerHost {
     this.port = port;
   }
 
-  static async start(opts: RunnerHostOptions): Promise<WorkerHost> {
+  static async start(opts: RunnerHostOptions): Promise<WorkerThread> {
     if (!opts.module) throw new Error(`${opts.name}: queues in worker threads need dataPlane.module (a function cannot cross threads)`);
     const controlFd = eventfdCreate(0, true);
     const { port1, port2 } = new MessageChannel();
     const worker = spawnWorker(
       workerEntry,
-      { module: opts.module.href, options: opts.options, controlFd, port: port2, name: opts.name, pollUs: opts.pollUs ?? 0 },
+      { module: opts.module.href, controlFd, port: port2, name: opts.name, pollUs: opts.pollUs ?? 0 },
       { transferList: [port2] },
     );
-    const host = new WorkerHost(worker, port1, controlFd, opts);
+    const thread = new WorkerThread(worker, port1, controlFd, opts);
     try {
       await new Promise<void>((resolve, reject) => {
         port1.once('message', (m: { ready: boolean; error?: string }) =>
@@ -68,22 +76,33 @@ export class WorkerHost implements RunnerHost {
       port1.close();
       throw e;
     }
-    port1.on('message', (m) => host.onMessage(m));
-    worker.on('error', (e) => host.die(new Error(`${opts.name}: queue worker crashed: ${e.stack ?? e}`)));
-    worker.on('exit', (code) => host.die(new Error(`${opts.name}: queue worker exited with code ${code}`)));
-    return host;
+    port1.on('message', (m) => thread.onMessage(m));
+    worker.on('error', (e) => thread.die(new Error(`${opts.name}: queue worker crashed: ${e.stack ?? e}`)));
+    worker.on('exit', (code) => thread.die(new Error(`${opts.name}: queue worker exited with code ${code}`)));
+    return thread;
   }
 
   get alive(): boolean {
     return this.dead === null && !this.closed;
   }
 
-  request(req: RunnerRequest): Promise<number> {
+  /**
+   * A lane for one device's queues, with that device's options.
+   * @param onClose what closing the lane also does (close the thread of one device; let go of a shared one).
+   */
+  async lane(options: unknown, name: string, onClose: () => Promise<void>): Promise<RunnerHost> {
+    const lane = this.nextLane++;
+    await this.send({ lane, create: { options, name } });
+    return new LaneHost(this, lane, onClose);
+  }
+
+  send(message: Record<string, unknown>): Promise<number> {
     if (this.dead) return Promise.reject(this.dead);
+    if (this.closed) return Promise.reject(new Error(`${this.opts.name}: the queue thread is closed`));
     const id = this.nextId++;
     return new Promise<number>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.port.postMessage({ id, request: req });
+      this.port.postMessage({ id, ...message });
       eventfdWrite(this.controlFd, 1);
     });
   }
@@ -94,7 +113,7 @@ export class WorkerHost implements RunnerHost {
     if (!this.dead) {
       const exited = new Promise((r) => this.worker.once('exit', r));
       const id = this.nextId++;
-      this.port.postMessage({ id, request: { op: 'exit' } });
+      this.port.postMessage({ id, exit: true });
       eventfdWrite(this.controlFd, 1);
       // A worker stuck in a device handler is terminated after a grace period.
       const timer = setTimeout(() => void this.worker.terminate(), 2000);
@@ -126,13 +145,92 @@ export class WorkerHost implements RunnerHost {
   }
 }
 
+/** One device's queues in a worker thread. */
+class LaneHost implements RunnerHost {
+  private isClosed = false;
+
+  constructor(
+    private readonly thread: WorkerThread,
+    private readonly lane: number,
+    private readonly onClose: () => Promise<void>,
+  ) {}
+
+  get alive(): boolean {
+    return !this.isClosed && this.thread.alive;
+  }
+
+  request(req: RunnerRequest): Promise<number> {
+    return this.thread.send({ lane: this.lane, request: req });
+  }
+
+  async close(): Promise<void> {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    if (this.thread.alive) await this.thread.send({ lane: this.lane, drop: true }).catch(() => {});
+    await this.onClose();
+  }
+}
+
+/** A thread of its own for one queue group of one device. */
+export async function startWorkerHost(opts: RunnerHostOptions): Promise<RunnerHost> {
+  const thread = await WorkerThread.start(opts);
+  try {
+    return await thread.lane(opts.options, opts.name, () => thread.close());
+  } catch (e) {
+    await thread.close();
+    throw e;
+  }
+}
+
+/** Threads shared by the devices of this process that name the same DataPlane.shareThread key. */
+const sharedThreads = new Map<string, { thread: Promise<WorkerThread>; users: number }>();
+
+/** A lane in the shared thread `key`, started with the first device's module and pollUs. */
+export async function startSharedHost(key: string, opts: RunnerHostOptions): Promise<RunnerHost> {
+  let entry = sharedThreads.get(key);
+  if (entry) {
+    const known = entry;
+    const thread = await known.thread.catch(() => null);
+    if (!thread || !thread.alive) {
+      if (sharedThreads.get(key) === known) sharedThreads.delete(key);
+      entry = undefined;
+    }
+  }
+  if (!entry) {
+    entry = { thread: WorkerThread.start({ ...opts, name: `shared thread ${key}` }), users: 0 };
+    sharedThreads.set(key, entry);
+    const made = entry;
+    made.thread.catch(() => {
+      if (sharedThreads.get(key) === made) sharedThreads.delete(key);
+    });
+  }
+  const mine = entry;
+  const thread = await mine.thread;
+  mine.users++;
+  const release = async () => {
+    if (--mine.users > 0) return;
+    if (sharedThreads.get(key) === mine) sharedThreads.delete(key);
+    await thread.close();
+  };
+  try {
+    return await thread.lane(opts.options, opts.name, release);
+  } catch (e) {
+    await release();
+    throw e;
+  }
+}
+
 /** Runs the queue group on the main thread's event loop (DataPlane.thread = 'main'). */
 export class InlineHost implements RunnerHost {
   private readonly kickWatches = new Map<number, FdWatch>();
   private readonly runner: QueueRunner;
+  private readonly thread: ThreadHandler;
+  private pollScheduled = false;
 
-  private constructor(factory: QueueHandlerFactory, opts: RunnerHostOptions) {
-    this.runner = new QueueRunner(factory, opts.options, {
+  private constructor(exports: { createThreadHandler?: ThreadHandlerFactory; createQueueHandler?: QueueHandlerFactory }, opts: RunnerHostOptions) {
+    const log = (message: string) => opts.log(`${opts.name}: ${message}`);
+    this.thread = threadHandlerOf(exports, { watch: watchReadable, log }, opts.name);
+    this.runner = new QueueRunner(this.thread, opts.options, {
       watch: (fd, onReadable) => watchReadable(fd, onReadable),
       watchKick: (index, fd) => {
         this.kickWatches.set(
@@ -140,6 +238,7 @@ export class InlineHost implements RunnerHost {
           watchReadable(fd, () => {
             eventfdRead(fd);
             this.runner.kicked(index);
+            this.afterBatch();
           }),
         );
       },
@@ -147,18 +246,14 @@ export class InlineHost implements RunnerHost {
         this.kickWatches.get(index)?.close();
         this.kickWatches.delete(index);
       },
-      log: (message) => opts.log(`${opts.name}: ${message}`),
+      log,
     }, opts.pollUs ?? 0);
   }
 
   static async start(opts: RunnerHostOptions): Promise<InlineHost> {
-    if (opts.factory) return new InlineHost(opts.factory, opts);
+    if (opts.factory || opts.threadFactory) return new InlineHost({ createQueueHandler: opts.factory, createThreadHandler: opts.threadFactory }, opts);
     if (!opts.module) throw new Error(`${opts.name}: the device's dataPlane names neither a module nor createQueueHandler`);
-    const mod = (await import(opts.module.href)) as { createQueueHandler?: QueueHandlerFactory };
-    if (typeof mod.createQueueHandler !== 'function') {
-      throw new Error(`${opts.name}: ${opts.module.href} does not export createQueueHandler(ctx)`);
-    }
-    return new InlineHost(mod.createQueueHandler, opts);
+    return new InlineHost(await import(opts.module.href), opts);
   }
 
   private isClosed = false;
@@ -169,6 +264,7 @@ export class InlineHost implements RunnerHost {
 
   async request(req: RunnerRequest): Promise<number> {
     const reply = this.runner.handle(req);
+    this.afterBatch();
     if (!reply.ok) throw new Error(reply.error);
     return reply.value;
   }
@@ -178,5 +274,18 @@ export class InlineHost implements RunnerHost {
     this.runner.handle({ op: 'reset' });
     for (const w of this.kickWatches.values()) w.close();
     this.kickWatches.clear();
+  }
+
+  /** Flush the thread handler's batch; keep polling from the event loop (between its other work) while asked to. */
+  private afterBatch(): void {
+    this.thread.endOfBatch?.();
+    if (!this.runner.polling || this.pollScheduled || this.isClosed) return;
+    this.pollScheduled = true;
+    setImmediate(() => {
+      this.pollScheduled = false;
+      if (this.isClosed) return;
+      this.runner.poll(performance.now());
+      this.afterBatch();
+    });
   }
 }

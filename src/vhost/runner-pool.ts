@@ -4,8 +4,8 @@
  * worker, DESIGN §11), so a backend that made new ones per connection grew without bound under a frontend that
  * reconnects; reusing them keeps it flat, and saves the thread start on every reconnect.
  */
-import type { QueueHandlerFactory, VhostUserDevice } from './device.js';
-import { InlineHost, WorkerHost, type RunnerHost } from './runner-host.js';
+import type { QueueHandlerFactory, ThreadHandlerFactory, VhostUserDevice } from './device.js';
+import { InlineHost, startSharedHost, startWorkerHost, type RunnerHost } from './runner-host.js';
 
 export class RunnerPool {
   private readonly hosts = new Map<number, Promise<RunnerHost>>();
@@ -70,12 +70,14 @@ export class RunnerPool {
     const opts = {
       module: plane.module,
       factory: plane.createQueueHandler?.bind(plane) as QueueHandlerFactory | undefined,
+      threadFactory: plane.createThreadHandler?.bind(plane) as ThreadHandlerFactory | undefined,
       options: plane.options,
       name: `${this.device.name} queue group ${group}`,
       log: this.log,
       pollUs: plane.pollUs ?? 0,
     };
-    const host = plane.thread === 'main' ? InlineHost.start(opts) : WorkerHost.start(opts);
+    const host =
+      plane.thread === 'main' ? InlineHost.start(opts) : plane.shareThread !== undefined ? startSharedHost(plane.shareThread, opts) : startWorkerHost(opts);
     this.hosts.set(group, host);
     // A host that failed to start is forgotten, so the next request retries and reports the same error.
     host.catch(() => {

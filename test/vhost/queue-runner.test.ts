@@ -55,7 +55,7 @@ function rig(eventIdx: boolean, duringProcess: (call: number) => void, take = tr
     },
   });
   const env: RunnerEnvironment = { watch: () => ({ close() {} }), watchKick, unwatchKick() {}, log: (m) => logs.push(m) };
-  const runner = new QueueRunner(factory, {}, env);
+  const runner = new QueueRunner({ createQueueHandler: factory }, {}, env);
   expect(runner.handle({ op: 'memory', regions })).toEqual({ ok: true, value: 0 });
   cleanup.push(() => {
     runner.handle({ op: 'stop', index: 0 });

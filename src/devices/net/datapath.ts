@@ -10,6 +10,13 @@ import { ETH_HEADER, MAX_FRAME, NET_HDR_NUM_BUFFERS, NET_HDR_SIZE, VIRTIO_NET_HD
 /** Where a frame's bytes come from: a chain's readable part (after its header) or a plain byte array. */
 export interface FrameSource {
   length: number;
+  /**
+   * Where the frame starts, contiguous for `headLen` bytes: frame byte i (i < headLen) is headBuf[headOff + i].
+   * For reading the Ethernet header in place.
+   */
+  readonly headBuf: Uint8Array;
+  readonly headOff: number;
+  readonly headLen: number;
   /** Copy `n` frame bytes starting at frame offset `from` into dst at `at`. */
   copyTo(dst: Uint8Array, at: number, from: number, n: number): void;
   /** Frame byte at `i` (for checksums and filtering). */
@@ -20,6 +27,9 @@ export interface FrameSource {
 export class ChainFrame implements FrameSource {
   chain!: DescriptorChain;
   length = 0;
+  headBuf: Uint8Array = EMPTY;
+  headOff = 0;
+  headLen = 0;
   private readonly headerBytes = new Uint8Array(NET_HDR_SIZE);
   private headerRead = false;
   private seg = 0;
@@ -33,13 +43,25 @@ export class ChainFrame implements FrameSource {
     if (this.length < ETH_HEADER || this.length > MAX_FRAME) return false;
     this.headerRead = false;
     this.rewind();
+    this.headBuf = chain.memory.buffers[chain.segBuffer[this.seg]];
+    this.headOff = chain.segOffset[this.seg] + this.segSkip;
+    const inSeg = chain.segLength[this.seg] - this.segSkip;
+    this.headLen = inSeg < this.length ? inSeg : this.length;
     return true;
   }
 
   /** The sender's virtio-net header (offload instructions for a receiver), read on first use. */
   get header(): Uint8Array {
     if (!this.headerRead) {
-      this.chain.reader().read(this.headerBytes);
+      const c = this.chain;
+      const h = this.headerBytes;
+      // The header's bytes, segment by segment (it may span several).
+      for (let s = 0, i = 0; i < NET_HDR_SIZE; s++) {
+        const buf = c.memory.buffers[c.segBuffer[s]];
+        const off = c.segOffset[s];
+        const len = c.segLength[s];
+        for (let k = 0; k < len && i < NET_HDR_SIZE; k++) h[i++] = buf[off + k];
+      }
       this.headerRead = true;
     }
     return this.headerBytes;
@@ -52,8 +74,7 @@ export class ChainFrame implements FrameSource {
       const segOff = this.segSkip + (from - this.segStart);
       const avail = c.segLength[this.seg] - segOff;
       const take = n < avail ? n : avail;
-      const start = c.segOffset[this.seg] + segOff;
-      dst.set(c.memory.buffers[c.segBuffer[this.seg]].subarray(start, start + take), at);
+      copyBytes(dst, at, c.memory.buffers[c.segBuffer[this.seg]], c.segOffset[this.seg] + segOff, take);
       at += take;
       from += take;
       n -= take;
@@ -90,19 +111,39 @@ export class ChainFrame implements FrameSource {
 
 /** Frame bytes in a plain array (generated frames, tap reads). */
 export class BytesFrame implements FrameSource {
-  bytes: Uint8Array = new Uint8Array(0);
+  headBuf: Uint8Array = EMPTY;
+  headOff = 0;
+  headLen = 0;
   length = 0;
-  set(bytes: Uint8Array, length = bytes.length): this {
-    this.bytes = bytes;
+  /** The frame is `length` bytes of `bytes` from `start`. */
+  set(bytes: Uint8Array, length = bytes.length, start = 0): this {
+    this.headBuf = bytes;
+    this.headOff = start;
+    this.headLen = length;
     this.length = length;
     return this;
   }
+  get bytes(): Uint8Array {
+    return this.headBuf;
+  }
   copyTo(dst: Uint8Array, at: number, from: number, n: number): void {
-    dst.set(from === 0 && n === this.bytes.length ? this.bytes : this.bytes.subarray(from, from + n), at);
+    copyBytes(dst, at, this.headBuf, this.headOff + from, n);
   }
   byteAt(i: number): number {
-    return this.bytes[i];
+    return this.headBuf[this.headOff + i];
   }
+}
+
+const EMPTY = new Uint8Array(0);
+
+/**
+ * dst[at..at+n) = src[from..from+n) between different buffers. Small copies go byte by byte: a typed array's
+ * set() needs a view of exactly the source bytes, an allocation that costs more than copying a small frame.
+ */
+export function copyBytes(dst: Uint8Array, at: number, src: Uint8Array, from: number, n: number): void {
+  if (n <= 256) {
+    for (let i = 0; i < n; i++) dst[at + i] = src[from + i];
+  } else dst.set(src.subarray(from, from + n), at);
 }
 
 export type DeliverResult = 'delivered' | 'no-buffers' | 'too-big';

@@ -3,8 +3,8 @@
  * switch shared by several ports, or (for benchmarks) a sink that drops and a source that generates.
  *
  * Queues: receiveq/transmitq pairs (rx = 2k, tx = 2k + 1), then the control queue when CTRL_VQ is negotiated.
- * Each pair runs in its own worker; switch ports run on the main thread, where the switch copies a frame straight
- * from the sender's transmit chain into the receiver's receive chains (one copy).
+ * Each pair runs in its own worker; all ports of one switch share one worker (DataPlane.shareThread), where the
+ * switch copies a frame straight from the sender's transmit chain into the receiver's receive chain (one copy).
  *
  * @example
  * ```ts
@@ -14,12 +14,22 @@
  * ```
  */
 import { ProtocolFeature } from '../../vhost/protocol.js';
-import { bit, type FrontendLink, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
+import {
+  bit,
+  type FrontendLink,
+  type QueueContext,
+  type QueueHandler,
+  type ThreadContext,
+  type ThreadHandler,
+  type VhostUserDevice,
+} from '../../vhost/device.js';
 import type { Virtqueue } from '../../virtqueue/index.js';
 import { handleControl } from './control.js';
 import { ChainFrame, RxQueue } from './datapath.js';
+import { Forwarder } from './forwarding.js';
 import { openPort, rarpFrame, type PortBackend, type PortHooks } from './ports.js';
-import { findSwitch, type MacEntry } from './switch.js';
+import { joinSwitch, type MacEntry, type SwitchPortOptions } from './switch.js';
+import { SwitchPort } from './switch-port.js';
 import {
   CONFIG_SIZE,
   encodeConfig,
@@ -78,8 +88,9 @@ export interface NetStats {
 
 /** What each queue handler gets (structured-cloneable). */
 export interface NetQueueOptions {
-  instance: string;
   backend: NetBackendSpec;
+  /** A switch port: which, and the switch's shared tables. */
+  switchPort: SwitchPortOptions | null;
   queuePairs: number;
   stats: SharedArrayBuffer;
   /**
@@ -140,8 +151,7 @@ export function netDevice(opts: NetOptions): NetDevice {
     bit(VIRTIO_NET_F_CTRL_RX) |
     bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
   if (pairs > 1) features |= bit(VIRTIO_NET_F_MQ);
-  // Frames generated or sunk need no offloads; keep the bench honest about what a plain NIC does.
-  const instance = `${opts.backend.kind}-${Math.random().toString(36).slice(2)}`;
+  const switchPort = opts.backend.kind === 'switch' ? joinSwitch(opts.backend.name).addPort(() => `port of ${formatMac(macBytes)}`) : null;
   const groups = Array.from({ length: pairs }, (_, k) => [2 * k, 2 * k + 1]);
   groups[0].push(2 * pairs); // the control queue shares the first pair's worker
   return {
@@ -177,9 +187,10 @@ export function netDevice(opts: NetOptions): NetDevice {
     },
     dataPlane: {
       module: new URL(import.meta.url),
-      options: { instance, backend: opts.backend, queuePairs: pairs, stats, rxMode },
-      thread: opts.backend.kind === 'switch' ? 'main' : 'worker',
+      options: { backend: opts.backend, switchPort, queuePairs: pairs, stats, rxMode },
       groups,
+      // Every port of a switch in one thread: forwarding never crosses threads.
+      ...(opts.backend.kind === 'switch' ? { shareThread: `switch ${opts.backend.name}` } : {}),
       pollUs: opts.pollUs ?? 0,
     },
     stats() {
@@ -204,7 +215,7 @@ export function netDevice(opts: NetOptions): NetDevice {
     },
     macTable() {
       if (opts.backend.kind !== 'switch') throw new RangeError(`a ${opts.backend.kind} backend has no MAC table`);
-      return findSwitch(opts.backend.name)?.macTable() ?? [];
+      return joinSwitch(opts.backend.name).macTable();
     },
     bindFrontend(f) {
       frontend = f;
@@ -212,7 +223,7 @@ export function netDevice(opts: NetOptions): NetDevice {
   };
 }
 
-/** Per queue pair, in the worker (or main thread) that serves it: the backend port and the receive side. */
+/** Per queue pair, in the thread that serves it: the backend port and the receive side. */
 interface Pair {
   port: PortBackend | null;
   rx: RxQueue | null;
@@ -221,72 +232,121 @@ interface Pair {
   refs: number;
 }
 
-const pairs = new Map<string, Pair>();
+/**
+ * The data half, one per thread: a pair's two queues (and, for a switch, every port's) meet here, by
+ * ctx.device and pair number.
+ */
+export function createThreadHandler(thread: ThreadContext): ThreadHandler<NetQueueOptions> {
+  const pairs = new Map<number, Pair>();
+  const forwarders = new Map<string, Forwarder>();
 
-function pairOf(ctx: QueueContext<NetQueueOptions>, pair: number): Pair {
-  const key = `${ctx.options.instance}:${pair}`;
-  let p = pairs.get(key);
-  if (!p) {
-    p = { port: null, rx: null, rxCtx: null, stats: new Float64Array(ctx.options.stats, 8 * NET_STATS * pair, NET_STATS), refs: 0 };
-    pairs.set(key, p);
-  }
-  return p;
+  const forwarderOf = (o: SwitchPortOptions): Forwarder => {
+    let f = forwarders.get(o.name);
+    if (!f) {
+      f = new Forwarder(o.name, o, thread);
+      forwarders.set(o.name, f);
+    }
+    return f;
+  };
+
+  const openBackend = (o: NetQueueOptions, hooks: PortHooks): PortBackend => {
+    if (o.backend.kind !== 'switch') return openPort(o.backend, hooks);
+    const sp = o.switchPort!;
+    const f = forwarderOf(sp);
+    const port = new SwitchPort(f, sp.port, hooks);
+    return {
+      transmit: (frame) => port.transmit(frame),
+      flush: () => port.flush(),
+      rxReady: () => port.rxReady(),
+      announce: (frame) => port.announce(frame),
+      rxNeedsKicks: false,
+      close() {
+        port.close();
+        // The last port gone: the switch's thread lets go of the uplink until a port comes back.
+        if (f.size === 0) {
+          f.close();
+          forwarders.delete(sp.name);
+        }
+      },
+    };
+  };
+
+  return {
+    createQueueHandler(ctx) {
+      const o = ctx.options;
+      const index = ctx.queueIndex;
+      if (index === 2 * o.queuePairs) return controlHandler(ctx);
+      const pairIndex = index >> 1;
+      const key = ctx.device * 128 + pairIndex;
+      let pair = pairs.get(key);
+      if (!pair) {
+        pair = { port: null, rx: null, rxCtx: null, stats: new Float64Array(o.stats, 8 * NET_STATS * pairIndex, NET_STATS), refs: 0 };
+        pairs.set(key, pair);
+      }
+      const p = pair;
+      p.refs++;
+      const hooks: PortHooks = {
+        features: ctx.features,
+        pair: pairIndex,
+        queuePairs: o.queuePairs,
+        stats: p.stats,
+        rxMode: o.rxMode,
+        rx: () => p.rx,
+        publishRx: () => p.rxCtx?.publish(),
+        watch: ctx.watch,
+        log: ctx.log,
+      };
+      p.port ??= openBackend(o, hooks);
+      const release = () => {
+        if (--p.refs > 0) return;
+        p.port?.close();
+        pairs.delete(key);
+      };
+      return (index & 1) === 0 ? receiveHandler(ctx, p, release) : transmitHandler(ctx, p, release);
+    },
+    endOfBatch() {
+      for (const f of forwarders.values()) f.endOfBatch();
+    },
+  };
 }
 
-/** The data half: called for each queue in the thread that serves it. */
-export function createQueueHandler(ctx: QueueContext<NetQueueOptions>): QueueHandler {
-  const o = ctx.options;
-  const index = ctx.queueIndex;
-  if (index === 2 * o.queuePairs) return controlHandler(ctx);
-  const pairIndex = index >> 1;
-  const pair = pairOf(ctx, pairIndex);
-  pair.refs++;
-  const key = `${o.instance}:${pairIndex}`;
-  const hooks: PortHooks = {
-    features: ctx.features,
-    pair: pairIndex,
-    queuePairs: o.queuePairs,
-    stats: pair.stats,
-    rxMode: o.rxMode,
-    rx: () => pair.rx,
-    publishRx: () => pair.rxCtx?.publish(),
-    watch: ctx.watch,
-    log: ctx.log,
-  };
-  pair.port ??= openPort(o.backend, hooks);
-  const announce = () => {
-    const mode = new Int32Array(o.rxMode, 0, 6);
-    const mine = 1 << Math.min(pairIndex, 30);
+/** After migration (SEND_RARP), each pair announces the guest's MAC once, on its next pass. */
+function announcer(o: NetQueueOptions, pairIndex: number, pair: Pair): () => void {
+  const mode = new Int32Array(o.rxMode, 0, 6);
+  const mine = 1 << Math.min(pairIndex, 30);
+  return () => {
     if ((Atomics.load(mode, 5) & mine) === 0) return;
     Atomics.and(mode, 5, ~mine);
     pair.port!.announce(rarpFrame(new Uint8Array(o.rxMode, 12, 6)));
   };
-  const release = () => {
-    if (--pair.refs > 0) return;
-    pair.port?.close();
-    pairs.delete(key);
-  };
+}
 
-  if ((index & 1) === 0) {
-    // receiveq: the backend fills it; a kick means the driver posted buffers.
-    const has = (f: number) => (ctx.features & bit(f)) !== 0n;
-    pair.rx = new RxQueue(ctx.queue, has(VIRTIO_NET_F_MRG_RXBUF), has(VIRTIO_NET_F_GUEST_CSUM), has(VIRTIO_NET_F_GUEST_TSO4) || has(VIRTIO_NET_F_GUEST_TSO6));
-    pair.rxCtx = ctx;
-    return {
-      process: () => {
-        announce();
-        pair.port!.rxReady();
-      },
-      stop: () => {
-        pair.rx = null;
-        pair.rxCtx = null;
-        release();
-      },
-    };
-  }
-  // transmitq: every chain is a frame for the backend.
+/** receiveq: the backend fills it; a kick means the driver posted buffers. */
+function receiveHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release: () => void): QueueHandler {
+  const has = (f: number) => (ctx.features & bit(f)) !== 0n;
+  pair.rx = new RxQueue(ctx.queue, has(VIRTIO_NET_F_MRG_RXBUF), has(VIRTIO_NET_F_GUEST_CSUM), has(VIRTIO_NET_F_GUEST_TSO4) || has(VIRTIO_NET_F_GUEST_TSO6));
+  pair.rxCtx = ctx;
+  const announce = announcer(ctx.options, ctx.queueIndex >> 1, pair);
+  return {
+    needsKicks: pair.port!.rxNeedsKicks ?? true,
+    process: () => {
+      announce();
+      pair.port!.rxReady();
+    },
+    stop: () => {
+      pair.rx = null;
+      pair.rxCtx = null;
+      release();
+    },
+  };
+}
+
+/** transmitq: every chain is a frame for the backend. */
+function transmitHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release: () => void): QueueHandler {
   const frame = new ChainFrame();
   const stats = pair.stats;
+  const port = pair.port!;
+  const announce = announcer(ctx.options, ctx.queueIndex >> 1, pair);
   return {
     process(queue: Virtqueue) {
       announce();
@@ -296,11 +356,11 @@ export function createQueueHandler(ctx: QueueContext<NetQueueOptions>): QueueHan
         } else {
           stats[0]++;
           stats[1] += frame.length;
-          if (!pair.port!.transmit(frame)) stats[2]++;
+          if (!port.transmit(frame)) stats[2]++;
         }
         queue.push(chain, 0);
       }
-      pair.port!.flush();
+      port.flush();
     },
     stop: release,
   };

@@ -7,7 +7,6 @@
 import type { RxQueue } from './datapath.js';
 import { BytesFrame, type ChainFrame } from './datapath.js';
 import { ETH_HEADER } from './spec.js';
-import { SwitchPort, joinSwitch } from './switch.js';
 import { TapPort } from './tap-port.js';
 
 export interface PortHooks {
@@ -26,6 +25,8 @@ export interface PortHooks {
 }
 
 export interface PortBackend {
+  /** False: the receive queue needs no kicks (frames are delivered as they arrive, or dropped). Default true. */
+  readonly rxNeedsKicks?: boolean;
   /** A frame the guest sent; false when it was dropped. The frame's bytes are only valid during the call. */
   transmit(frame: ChainFrame): boolean;
   /** End of a transmit batch (flush what was batched, publish receive queues touched). */
@@ -39,7 +40,8 @@ export interface PortBackend {
 
 import type { NetBackendSpec } from './index.js';
 
-export function openPort(spec: NetBackendSpec, hooks: PortHooks): PortBackend {
+/** A port of any kind but a switch's (switch ports need their switch's forwarder: see SwitchPort). */
+export function openPort(spec: Exclude<NetBackendSpec, { kind: 'switch' }>, hooks: PortHooks): PortBackend {
   switch (spec.kind) {
     case 'sink':
       return new SinkPort(hooks, spec.verify ?? false);
@@ -47,8 +49,6 @@ export function openPort(spec: NetBackendSpec, hooks: PortHooks): PortBackend {
       return new SourcePort(hooks, spec.frameSize ?? 64);
     case 'tap':
       return new TapPort(spec.name, hooks);
-    case 'switch':
-      return new SwitchPort(joinSwitch(spec.name), hooks);
   }
 }
 

@@ -1,0 +1,210 @@
+/**
+ * The switch's data path, in the one thread that serves all its ports' queues: learn the source, look up the
+ * destination (once per frame, in a typed-array table), copy the frame from the sender's transmit chain into the
+ * receiver's receive chain, and publish each receiver once per batch. Nothing is allocated per frame.
+ */
+import type { ThreadContext } from '../../vhost/device.js';
+import { close, dup, read, write } from '../../sys/index.js';
+import { BytesFrame, type FrameSource } from './datapath.js';
+import { MacTable } from './mac-table.js';
+import { ETH_HEADER, MAX_FRAME, NET_HDR_SIZE } from './spec.js';
+import { AGEING_MS, UPLINK_PORT, type SwitchPortOptions } from './switch.js';
+
+/** Anything attached to the switch: a guest's port or the uplink. */
+export interface SwitchMember {
+  /** Take a frame; false when it was dropped (no buffers, filtered). Bytes are valid during the call only. */
+  receive(frame: FrameSource, header: Uint8Array | null): boolean;
+  /** Make what receive() delivered in this batch visible to the guest (one notification). */
+  publish(): void;
+}
+
+const ZERO_HEADER = new Uint8Array(NET_HDR_SIZE);
+
+export class Forwarder {
+  private readonly table: MacTable;
+  private readonly ctl: Int32Array;
+  private readonly counters: Float64Array;
+  /** By port number; null where no port is attached. */
+  private readonly members: (SwitchMember | null)[] = [];
+  /** The attached ports' numbers, for flooding. */
+  private readonly attached: number[] = [];
+  private readonly dirty: SwitchMember[] = [];
+  private readonly isDirty: boolean[] = [];
+  private now = Date.now();
+  private uplinkGeneration = -1;
+  private uplink: TapUplink | null = null;
+
+  constructor(
+    readonly name: string,
+    options: SwitchPortOptions,
+    private readonly thread: ThreadContext,
+  ) {
+    this.table = new MacTable(options.table);
+    this.ctl = new Int32Array(options.control, 0, 2);
+    this.counters = new Float64Array(options.control, 8, 2);
+    this.checkUplink();
+  }
+
+  get size(): number {
+    return this.attached.length - (this.uplink ? 1 : 0);
+  }
+
+  attach(port: number, m: SwitchMember): void {
+    if (this.members[port]) this.detach(port);
+    this.members[port] = m;
+    this.isDirty[port] = false;
+    this.attached.push(port);
+  }
+
+  detach(port: number): void {
+    const m = this.members[port];
+    if (!m) return;
+    this.members[port] = null;
+    this.attached.splice(this.attached.indexOf(port), 1);
+    const d = this.dirty.indexOf(m);
+    if (d >= 0) this.dirty.splice(d, 1);
+    this.table.forgetPort(port);
+  }
+
+  /** Forward a frame that arrived on port `from`, with the sender's virtio-net header (null: none). */
+  forward(from: number, frame: FrameSource, header: Uint8Array | null): void {
+    let dHi: number, dLo: number, sHi: number, sLo: number;
+    const b = frame.headBuf;
+    const o = frame.headOff;
+    if (frame.headLen >= 12) {
+      dHi = (b[o] << 8) | b[o + 1];
+      dLo = ((b[o + 2] << 24) | (b[o + 3] << 16) | (b[o + 4] << 8) | b[o + 5]) >>> 0;
+      sHi = (b[o + 6] << 8) | b[o + 7];
+      sLo = ((b[o + 8] << 24) | (b[o + 9] << 16) | (b[o + 10] << 8) | b[o + 11]) >>> 0;
+    } else {
+      // The Ethernet header split across descriptors: rare, byte by byte.
+      const at = (i: number) => frame.byteAt(i);
+      dHi = (at(0) << 8) | at(1);
+      dLo = ((at(2) << 24) | (at(3) << 16) | (at(4) << 8) | at(5)) >>> 0;
+      sHi = (at(6) << 8) | at(7);
+      sLo = ((at(8) << 24) | (at(9) << 16) | (at(10) << 8) | at(11)) >>> 0;
+    }
+    // The group bit is the first byte's lowest: bit 8 of the high half.
+    if ((sHi & 0x100) === 0) this.table.learn(sHi, sLo, from, this.now);
+    if ((dHi & 0x100) === 0) {
+      const slot = this.table.find(dHi, dLo);
+      if (slot >= 0) {
+        const port = this.table.port[slot];
+        const m = this.members[port];
+        if (m && this.now - this.table.seen[slot] <= AGEING_MS) {
+          if (port !== from) this.deliver(port, m, frame, header);
+          return;
+        }
+        this.table.forget(slot);
+      }
+    }
+    this.counters[1]++;
+    const ports = this.attached;
+    for (let i = 0; i < ports.length; i++) {
+      const port = ports[i];
+      if (port !== from) this.deliver(port, this.members[port]!, frame, header);
+    }
+  }
+
+  /** End of the thread's batch: every receiver published once; the clock and the uplink looked at. */
+  endOfBatch(): void {
+    const d = this.dirty;
+    for (let i = 0; i < d.length; i++) d[i].publish();
+    d.length = 0;
+    this.isDirty.fill(false);
+    this.now = Date.now();
+    if (Atomics.load(this.ctl, 1) !== this.uplinkGeneration) this.checkUplink();
+  }
+
+  close(): void {
+    this.uplink?.close();
+    this.uplink = null;
+  }
+
+  private deliver(port: number, m: SwitchMember, frame: FrameSource, header: Uint8Array | null): void {
+    if (!m.receive(frame, header ?? ZERO_HEADER)) {
+      this.counters[0]++;
+      return;
+    }
+    if (!this.isDirty[port]) {
+      this.isDirty[port] = true;
+      this.dirty.push(m);
+    }
+  }
+
+  /** The main thread attached or detached the uplink tap: take our own copy of its fd, or let go of it. */
+  private checkUplink(): void {
+    this.uplinkGeneration = Atomics.load(this.ctl, 1);
+    const fd = Atomics.load(this.ctl, 0);
+    if (this.uplink) {
+      this.detach(UPLINK_PORT);
+      this.uplink.close();
+      this.uplink = null;
+    }
+    if (fd < 0) return;
+    try {
+      this.uplink = new TapUplink(dup(fd), this, this.thread);
+      this.attach(UPLINK_PORT, this.uplink);
+    } catch (e) {
+      this.thread.log(`switch ${this.name}: cannot use the uplink tap: ${(e as Error).message}`);
+    }
+  }
+}
+
+/** The uplink: a host tap; frames from it enter the switch, frames for it are written to it. */
+class TapUplink implements SwitchMember {
+  private readonly watch: { close(): void };
+  private readonly bounce = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
+  private readonly bounceHeader = this.bounce.subarray(0, NET_HDR_SIZE);
+  private readonly frame = new BytesFrame();
+  private readonly out = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
+  private closed = false;
+
+  constructor(
+    private readonly fd: number,
+    private readonly sw: Forwarder,
+    thread: ThreadContext,
+  ) {
+    this.watch = thread.watch(fd, () => this.pump());
+  }
+
+  receive(frame: FrameSource, header: Uint8Array | null): boolean {
+    // One copy into a contiguous buffer, then one write: a flooded frame may go to several members.
+    const out = this.out;
+    out.set(header ?? ZERO_HEADER, 0);
+    frame.copyTo(out, NET_HDR_SIZE, 0, frame.length);
+    try {
+      return write(this.fd, out, NET_HDR_SIZE + frame.length) > 0;
+    } catch {
+      // EIO while the uplink's link is down: dropped (the switch counts it), as for a full tap queue.
+      return false;
+    }
+  }
+
+  publish(): void {}
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.watch.close();
+    close(this.fd);
+  }
+
+  private pump(): void {
+    for (let n = 0; n < 256; n++) {
+      let len: number;
+      try {
+        len = read(this.fd, this.bounce);
+      } catch {
+        // The tap is gone: stop watching it (an fd in error stays readable); the guests' ports go on.
+        this.watch.close();
+        break;
+      }
+      if (len < 0) break;
+      if (len < NET_HDR_SIZE + ETH_HEADER) continue;
+      this.frame.set(this.bounce, len - NET_HDR_SIZE, NET_HDR_SIZE);
+      this.sw.forward(UPLINK_PORT, this.frame, this.bounceHeader);
+    }
+    // The thread's end of batch publishes the ports these frames went to.
+  }
+}

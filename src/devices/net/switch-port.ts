@@ -1,0 +1,74 @@
+/** A guest's queue pair on the switch, in the switch's thread. */
+import type { ChainFrame, FrameSource } from './datapath.js';
+import type { Forwarder, SwitchMember } from './forwarding.js';
+import type { PortBackend, PortHooks } from './ports.js';
+import { BytesFrame } from './datapath.js';
+
+export class SwitchPort implements PortBackend, SwitchMember {
+  private readonly mode: Int32Array;
+  private readonly mac: Uint8Array;
+
+  constructor(
+    private readonly sw: Forwarder,
+    private readonly port: number,
+    private readonly hooks: PortHooks,
+  ) {
+    this.mode = new Int32Array(hooks.rxMode, 0, 3);
+    this.mac = new Uint8Array(hooks.rxMode, 12, 6);
+    sw.attach(port, this);
+  }
+
+  transmit(frame: ChainFrame): boolean {
+    this.sw.forward(this.port, frame, frame.header);
+    return true;
+  }
+
+  // The thread's end of batch publishes the receivers: one notification per receiver per batch.
+  flush(): void {}
+
+  rxReady(): void {
+    // Nothing waits here: frames for a port without buffers were dropped when they arrived.
+  }
+
+  /** Frames for a port are delivered when they arrive; its receive queue needs no kicks. */
+  readonly rxNeedsKicks = false;
+
+  announce(frame: Uint8Array): void {
+    this.sw.forward(this.port, new BytesFrame().set(frame), null);
+  }
+
+  receive(frame: FrameSource, header: Uint8Array | null): boolean {
+    const rx = this.hooks.rx();
+    const s = this.hooks.stats;
+    if (rx === null || !this.accepts(frame) || rx.deliver(frame, header) !== 'delivered') {
+      s[5]++;
+      return false;
+    }
+    s[3]++;
+    s[4] += frame.length;
+    return true;
+  }
+
+  publish(): void {
+    this.hooks.publishRx();
+  }
+
+  close(): void {
+    this.sw.detach(this.port);
+  }
+
+  /** The device's receive filter (CTRL_RX): our MAC, broadcast and multicast, or everything when promiscuous. */
+  private accepts(frame: FrameSource): boolean {
+    if (this.mode[0] === 1) return true;
+    const b = frame.headBuf;
+    const o = frame.headOff;
+    if (frame.headLen < 6) {
+      if (frame.byteAt(0) & 1) return true;
+      for (let i = 0; i < 6; i++) if (frame.byteAt(i) !== this.mac[i]) return false;
+      return true;
+    }
+    if (b[o] & 1) return true;
+    const m = this.mac;
+    return b[o] === m[0] && b[o + 1] === m[1] && b[o + 2] === m[2] && b[o + 3] === m[3] && b[o + 4] === m[4] && b[o + 5] === m[5];
+  }
+}
