@@ -30,6 +30,9 @@ export class ChainFrame implements FrameSource {
   headBuf: Uint8Array = EMPTY;
   headOff = 0;
   headLen = 0;
+  /** The sender's virtio-net header: hdrBuf[hdrOff..hdrOff+12), in place in the chain when it is contiguous. */
+  hdrBuf: Uint8Array = EMPTY;
+  hdrOff = 0;
   private readonly headerBytes = new Uint8Array(NET_HDR_SIZE);
   private headerRead = false;
   private seg = 0;
@@ -47,6 +50,13 @@ export class ChainFrame implements FrameSource {
     this.headOff = chain.segOffset[this.seg] + this.segSkip;
     const inSeg = chain.segLength[this.seg] - this.segSkip;
     this.headLen = inSeg < this.length ? inSeg : this.length;
+    if (chain.segLength[0] >= NET_HDR_SIZE) {
+      this.hdrBuf = chain.memory.buffers[chain.segBuffer[0]];
+      this.hdrOff = chain.segOffset[0];
+    } else {
+      this.hdrBuf = this.header;
+      this.hdrOff = 0;
+    }
     return true;
   }
 
@@ -172,13 +182,14 @@ export class RxQueue {
    * Copy a frame (with the sender's virtio-net header, or none) into receive chains. Call queue.publish (or let
    * the framework) afterwards; pushes are batched.
    */
-  deliver(frame: FrameSource, header: Uint8Array | null): DeliverResult {
-    const hdr = header ?? ZERO_HEADER;
-    const gso = hdr[1] !== VIRTIO_NET_HDR_GSO_NONE;
+  deliver(frame: FrameSource, header: Uint8Array | null, headerOff = 0): DeliverResult {
+    const hb = header ?? ZERO_HEADER;
+    const ho = header === null ? 0 : headerOff;
+    const gso = hb[ho + 1] !== VIRTIO_NET_HDR_GSO_NONE;
     if (gso && !this.guestGso) return 'too-big'; // no software segmentation: a GSO frame to a non-GSO guest is dropped
     const total = NET_HDR_SIZE + frame.length;
     const q = this.queue;
-    if (!(hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) || this.guestCsum) {
+    if (!(hb[ho] & VIRTIO_NET_HDR_F_NEEDS_CSUM) || this.guestCsum) {
       // The common case: the whole frame fits the first writable buffer of one chain.
       const c = q.pop();
       if (c === null) return 'no-buffers';
@@ -186,15 +197,21 @@ export class RxQueue {
       if (s < c.count && c.segLength[s] >= total) {
         const buf = c.memory.buffers[c.segBuffer[s]];
         const off = c.segOffset[s];
-        buf.set(hdr, off);
+        if (hb === frame.headBuf && ho + NET_HDR_SIZE === frame.headOff && frame.headLen === frame.length) {
+          // Header and frame one contiguous run in the sender's buffer: one copy for both.
+          copyBytes(buf, off, hb, ho, total);
+        } else {
+          for (let i = 0; i < NET_HDR_SIZE; i++) buf[off + i] = hb[ho + i];
+          frame.copyTo(buf, off + NET_HDR_SIZE, 0, frame.length);
+        }
         buf[off + NET_HDR_NUM_BUFFERS] = 1;
         buf[off + NET_HDR_NUM_BUFFERS + 1] = 0;
-        frame.copyTo(buf, off + NET_HDR_SIZE, 0, frame.length);
         q.push(c, total);
         return 'delivered';
       }
       q.unpop(c);
     }
+    const hdr = ho === 0 && hb.length === NET_HDR_SIZE ? hb : this.headerCopy(hb, ho);
     const popped = this.popped;
     const used = this.used;
     popped.length = 0;
@@ -232,6 +249,13 @@ export class RxQueue {
     }
     for (let k = 0; k < popped.length; k++) q.push(popped[k], used[k]);
     return 'delivered';
+  }
+
+  private readonly scratchHeader = new Uint8Array(NET_HDR_SIZE);
+
+  private headerCopy(hb: Uint8Array, ho: number): Uint8Array {
+    for (let i = 0; i < NET_HDR_SIZE; i++) this.scratchHeader[i] = hb[ho + i];
+    return this.scratchHeader;
   }
 
   private giveBack(why: DeliverResult): DeliverResult {

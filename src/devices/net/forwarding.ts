@@ -13,7 +13,7 @@ import { AGEING_MS, UPLINK_PORT, type SwitchPortOptions } from './switch.js';
 /** Anything attached to the switch: a guest's port or the uplink. */
 export interface SwitchMember {
   /** Take a frame; false when it was dropped (no buffers, filtered). Bytes are valid during the call only. */
-  receive(frame: FrameSource, header: Uint8Array | null): boolean;
+  receive(frame: FrameSource, header: Uint8Array | null, headerOff: number): boolean;
   /** Make what receive() delivered in this batch visible to the guest (one notification). */
   publish(): void;
 }
@@ -66,8 +66,8 @@ export class Forwarder {
     this.table.forgetPort(port);
   }
 
-  /** Forward a frame that arrived on port `from`, with the sender's virtio-net header (null: none). */
-  forward(from: number, frame: FrameSource, header: Uint8Array | null): void {
+  /** Forward a frame that arrived on port `from`, with the sender's virtio-net header at header[headerOff] (null: none). */
+  forward(from: number, frame: FrameSource, header: Uint8Array | null, headerOff = 0): void {
     let dHi: number, dLo: number, sHi: number, sLo: number;
     const b = frame.headBuf;
     const o = frame.headOff;
@@ -92,7 +92,7 @@ export class Forwarder {
         const port = this.table.port[slot];
         const m = this.members[port];
         if (m && this.now - this.table.seen[slot] <= AGEING_MS) {
-          if (port !== from) this.deliver(port, m, frame, header);
+          if (port !== from) this.deliver(port, m, frame, header, headerOff);
           return;
         }
         this.table.forget(slot);
@@ -102,7 +102,7 @@ export class Forwarder {
     const ports = this.attached;
     for (let i = 0; i < ports.length; i++) {
       const port = ports[i];
-      if (port !== from) this.deliver(port, this.members[port]!, frame, header);
+      if (port !== from) this.deliver(port, this.members[port]!, frame, header, headerOff);
     }
   }
 
@@ -121,8 +121,8 @@ export class Forwarder {
     this.uplink = null;
   }
 
-  private deliver(port: number, m: SwitchMember, frame: FrameSource, header: Uint8Array | null): void {
-    if (!m.receive(frame, header ?? ZERO_HEADER)) {
+  private deliver(port: number, m: SwitchMember, frame: FrameSource, header: Uint8Array | null, headerOff: number): void {
+    if (!m.receive(frame, header, headerOff)) {
       this.counters[0]++;
       return;
     }
@@ -168,10 +168,12 @@ class TapUplink implements SwitchMember {
     this.watch = thread.watch(fd, () => this.pump());
   }
 
-  receive(frame: FrameSource, header: Uint8Array | null): boolean {
+  receive(frame: FrameSource, header: Uint8Array | null, headerOff: number): boolean {
     // One copy into a contiguous buffer, then one write: a flooded frame may go to several members.
     const out = this.out;
-    out.set(header ?? ZERO_HEADER, 0);
+    const hb = header ?? ZERO_HEADER;
+    const ho = header === null ? 0 : headerOff;
+    for (let i = 0; i < NET_HDR_SIZE; i++) out[i] = hb[ho + i];
     frame.copyTo(out, NET_HDR_SIZE, 0, frame.length);
     try {
       return write(this.fd, out, NET_HDR_SIZE + frame.length) > 0;

@@ -6,7 +6,7 @@
  */
 import type { RxQueue } from './datapath.js';
 import { BytesFrame, type ChainFrame } from './datapath.js';
-import { ETH_HEADER } from './spec.js';
+import { ETH_HEADER, NET_HDR_SIZE } from './spec.js';
 import { TapPort } from './tap-port.js';
 
 export interface PortHooks {
@@ -97,13 +97,17 @@ class SinkPort implements PortBackend {
 /** Fills every receive buffer the guest posts with a generated UDP broadcast frame of a fixed size. */
 class SourcePort implements PortBackend {
   private readonly frame: BytesFrame;
+  /** A zero virtio-net header and the frame, one run: each delivery is one copy. */
+  private readonly packet: Uint8Array;
 
   constructor(
     private readonly hooks: PortHooks,
     size: number,
   ) {
     if (size < 60 || size > 65535) throw new RangeError(`source frame size ${size}: 60 to 65535`);
-    this.frame = new BytesFrame().set(sourceFrame(size));
+    this.packet = new Uint8Array(NET_HDR_SIZE + size);
+    this.packet.set(sourceFrame(size), NET_HDR_SIZE);
+    this.frame = new BytesFrame().set(this.packet, size, NET_HDR_SIZE);
   }
 
   transmit(): boolean {
@@ -118,7 +122,7 @@ class SourcePort implements PortBackend {
     const s = this.hooks.stats;
     const len = this.frame.length;
     for (;;) {
-      const r = rx.deliver(this.frame, null);
+      const r = rx.deliver(this.frame, this.packet, 0);
       if (r !== 'delivered') {
         if (r === 'too-big') s[5]++;
         return;

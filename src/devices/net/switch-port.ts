@@ -19,7 +19,7 @@ export class SwitchPort implements PortBackend, SwitchMember {
   }
 
   transmit(frame: ChainFrame): boolean {
-    this.sw.forward(this.port, frame, frame.header);
+    this.sw.forward(this.port, frame, frame.hdrBuf, frame.hdrOff);
     return true;
   }
 
@@ -37,10 +37,10 @@ export class SwitchPort implements PortBackend, SwitchMember {
     this.sw.forward(this.port, new BytesFrame().set(frame), null);
   }
 
-  receive(frame: FrameSource, header: Uint8Array | null): boolean {
+  receive(frame: FrameSource, header: Uint8Array | null, headerOff: number): boolean {
     const rx = this.hooks.rx();
     const s = this.hooks.stats;
-    if (rx === null || !this.accepts(frame) || rx.deliver(frame, header) !== 'delivered') {
+    if (rx === null || !this.accepts(frame) || rx.deliver(frame, header, headerOff) !== 'delivered') {
       s[5]++;
       return false;
     }
