@@ -14,7 +14,7 @@ export default defineConfig({
         extends: true,
         test: {
           name: 'packed',
-          include: ['test/frontend/**/*.test.ts', 'test/vhost/**/*.test.ts', 'test/devices/**/*.test.ts', 'test/net/net-device.test.ts'],
+          include: ['test/frontend/**/*.test.ts', 'test/vhost/**/*.test.ts', 'test/devices/**/*.test.ts', 'test/net/net-device.test.ts', 'test/net/switch-uplink.test.ts', 'test/net/tap-multiqueue.test.ts'],
           exclude: ['test/vhost/notify-stress.test.ts', 'test/vhost/reconnect-growth.test.ts', 'test/vhost/restart.test.ts', 'test/devices/blk-libblkio.test.ts', 'test/devices/blk-durability.test.ts', 'test/devices/console-restart.test.ts'],
           env: { VHOST_TS_TEST_RING: 'packed' },
         },

@@ -35,6 +35,7 @@ export { IoUring } from './io-uring.js';
 export {
   openTap,
   tapInfo,
+  setTapQueueAttached,
   setTapOffload,
   setTapLinkUp,
   TAP_VNET_HDR_BYTES,

@@ -9,6 +9,9 @@ const TUNSETOFFLOAD = 0x400454d0;
 const TUNGETIFF = 0x800454d2;
 const TUNGETVNETHDRSZ = 0x800454d7;
 const TUNSETVNETHDRSZ = 0x400454d8;
+const TUNSETQUEUE = 0x400454d9;
+const IFF_ATTACH_QUEUE = 0x0200;
+const IFF_DETACH_QUEUE = 0x0400;
 const SIOCGIFFLAGS = 0x8913;
 const SIOCSIFFLAGS = 0x8914;
 
@@ -142,6 +145,15 @@ export function tapInfo(fd: number): TapInfo {
  */
 export function setTapOffload(fd: number, flags: number): void {
   if (sysIoctl(fd, TUNSETOFFLOAD, 'uintptr_t', flags >>> 0) < 0) throw lastError('ioctl(TUNSETOFFLOAD)');
+}
+
+/**
+ * TUNSETQUEUE: attach or detach one queue of a multi-queue tap. The kernel steers received frames only to
+ * attached queues, so a virtio-net pair the driver turned off (VQ_PAIRS_SET) takes its queue out of the way.
+ */
+export function setTapQueueAttached(fd: number, attached: boolean): void {
+  fillIfreq('TUNSETQUEUE', '', attached ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE);
+  if (sysIoctl(fd, TUNSETQUEUE, 'uintptr_t', ifreqAddress) < 0) throw lastError('ioctl(TUNSETQUEUE)');
 }
 
 /**

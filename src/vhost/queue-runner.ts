@@ -176,7 +176,10 @@ export class QueueRunner {
         this.running(req.index, (rq) => (rq.errFd = req.fd));
         return 0;
       case 'enable':
-        this.running(req.index, (rq) => (rq.enabled = req.enabled));
+        this.running(req.index, (rq) => {
+          rq.enabled = req.enabled;
+          rq.queue.disabled = !req.enabled;
+        });
         if (req.enabled) this.kick(req.index);
         return 0;
       case 'reset':
@@ -284,6 +287,7 @@ export class QueueRunner {
       stats: c.stats ? new Float64Array(c.stats) : null,
       counted: { done: 0, bytes: 0, suppressed: 0 },
     };
+    queue.disabled = !c.enabled;
     this.applyLog(rq);
     const ctx: QueueContext = {
       queueIndex: c.index,

@@ -76,6 +76,7 @@ export class PackedQueue implements RingQueue {
   readonly eventIdx: boolean;
   readonly indirect: boolean;
   broken: VirtqueueError | null = null;
+  disabled = false;
   popped = 0;
   bytesWritten = 0;
   suppressed = 0;
@@ -188,10 +189,12 @@ export class PackedQueue implements RingQueue {
   }
 
   hasAvailable(): boolean {
+    if (this.disabled) return false;
     return (Atomics.load(this.desc16, 8 * this.lastAvail + 7) & AVAIL_USED) === this.availFlags || this.resubmitPos !== this.resubmit.length;
   }
 
   pop(): DescriptorChain | null {
+    if (this.disabled) return null;
     if (this.broken !== null) return null;
     if (this.resubmitPos !== this.resubmit.length) return this.popResubmitted();
     const slot = this.lastAvail;

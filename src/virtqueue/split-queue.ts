@@ -70,6 +70,7 @@ export class SplitQueue implements RingQueue {
   readonly indirect: boolean;
   /** Set when a chain failed validation; the queue must be reset before it serves again. */
   broken: VirtqueueError | null = null;
+  disabled = false;
   popped = 0;
   bytesWritten = 0;
   suppressed = 0;
@@ -155,6 +156,7 @@ export class SplitQueue implements RingQueue {
 
   /** Whether the driver has made chains available that we have not popped. */
   hasAvailable(): boolean {
+    if (this.disabled) return false;
     return Atomics.load(this.avail16, 1) !== this.lastAvailIdx || this.resubmitPos !== this.resubmit.length;
   }
 
@@ -163,6 +165,7 @@ export class SplitQueue implements RingQueue {
    * broken) when the guest broke the rules; the chain's slot is consumed either way.
    */
   pop(): DescriptorChain | null {
+    if (this.disabled) return null;
     // Kept small (the rest is in refill, badHead, newChain and walk) so that V8 inlines pop into the device's loop.
     if (this.broken !== null) return null;
     if (this.resubmitPos !== this.resubmit.length) return this.popResubmitted();

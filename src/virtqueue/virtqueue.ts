@@ -57,6 +57,11 @@ export interface Virtqueue {
 /** The framework's side of a queue: what the queue runner drives and devices never see. */
 export interface RingQueue extends Virtqueue {
   broken: VirtqueueError | null;
+  /**
+   * SET_VRING_ENABLE 0: pop() gives nothing, so no device (not even one filling the queue from its own fd, as a
+   * tap does) supplies chains the driver no longer expects used.
+   */
+  disabled: boolean;
   /** Chains taken from the ring so far (unpop takes one back): tells the runner whether a handler took any. */
   readonly popped: number;
   /** Bytes the device reported written, over all pushes. */

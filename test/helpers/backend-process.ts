@@ -17,10 +17,12 @@ export interface BackendProcess {
 
 /**
  * Run `node ARGS` and resolve once `ready(stderr)` holds; rejects with its log when it exits first or is not
- * ready within `timeoutMs`.
+ * ready within `timeoutMs`. `via` runs node through a command that execs it in place, so that the child is
+ * still node and kill() reaches it: `['ip', 'netns', 'exec', NAME]` starts the backend inside a namespace.
  */
-export async function startBackend(args: string[], ready: (log: string) => boolean, timeoutMs = 30_000): Promise<BackendProcess> {
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+export async function startBackend(args: string[], ready: (log: string) => boolean, timeoutMs = 30_000, via: readonly string[] = []): Promise<BackendProcess> {
+  const argv = [...via, process.execPath, ...args];
+  const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   const backend: BackendProcess = {
     child,
@@ -34,7 +36,7 @@ export async function startBackend(args: string[], ready: (log: string) => boole
   };
   try {
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`${args.join(' ')}: not ready within ${timeoutMs} ms:\n${log}`)), timeoutMs);
+      const timer = setTimeout(() => reject(new Error(`${argv.join(' ')}: not ready within ${timeoutMs} ms:\n${log}`)), timeoutMs);
       child.stderr!.on('data', (d) => {
         log += d;
         if (ready(log)) {
@@ -44,7 +46,7 @@ export async function startBackend(args: string[], ready: (log: string) => boole
       });
       child.once('exit', (code, signal) => {
         clearTimeout(timer);
-        reject(new Error(`${args.join(' ')}: exited (${code ?? signal}) before it was ready:\n${log}`));
+        reject(new Error(`${argv.join(' ')}: exited (${code ?? signal}) before it was ready:\n${log}`));
       });
     });
   } catch (e) {

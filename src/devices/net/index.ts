@@ -27,6 +27,7 @@ import type { Virtqueue } from '../../virtqueue/index.js';
 import { handleControl } from './control.js';
 import { ChainFrame, RxQueue } from './datapath.js';
 import { Forwarder } from './forwarding.js';
+import { applyActivePairs, initTapQueues, tapQueuesBytes } from './tap-queues.js';
 import { openPort, rarpFrame, type PortBackend, type PortHooks } from './ports.js';
 import { joinSwitch, type MacEntry, type SwitchPortOptions } from './switch.js';
 import { SwitchPort } from './switch-port.js';
@@ -98,6 +99,8 @@ export interface NetQueueOptions {
    * bytes 12..17 the current MAC (the control queue updates it).
    */
   rxMode: SharedArrayBuffer;
+  /** A multi-queue tap's queues, attached or not (tap-queues.ts). */
+  tapQueues: SharedArrayBuffer;
 }
 
 export interface NetDevice extends VhostUserDevice<NetQueueOptions> {
@@ -123,6 +126,8 @@ export function netDevice(opts: NetOptions): NetDevice {
   if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65535) throw new RangeError(`MTU ${mtu}: 68 to 65535`);
   const stats = new SharedArrayBuffer(8 * NET_STATS * pairs);
   const rxMode = new SharedArrayBuffer(24);
+  const tapQueues = new SharedArrayBuffer(tapQueuesBytes(pairs));
+  initTapQueues(tapQueues);
   const mode = new Int32Array(rxMode, 0, 6);
   const macBytes = new Uint8Array(rxMode, 12, 6);
   const resetMode = () => {
@@ -187,7 +192,7 @@ export function netDevice(opts: NetOptions): NetDevice {
     },
     dataPlane: {
       module: new URL(import.meta.url),
-      options: { backend: opts.backend, switchPort, queuePairs: pairs, stats, rxMode },
+      options: { backend: opts.backend, switchPort, queuePairs: pairs, stats, rxMode, tapQueues },
       groups,
       // Every port of a switch in one thread: forwarding never crosses threads.
       ...(opts.backend.kind === 'switch' ? { shareThread: `switch ${opts.backend.name}` } : {}),
@@ -291,6 +296,7 @@ export function createThreadHandler(thread: ThreadContext): ThreadHandler<NetQue
         queuePairs: o.queuePairs,
         stats: p.stats,
         rxMode: o.rxMode,
+        tapQueues: o.tapQueues,
         rx: () => p.rx,
         publishRx: () => p.rxCtx?.publish(),
         watch: ctx.watch,
@@ -367,10 +373,15 @@ function transmitHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release
 }
 
 function controlHandler(ctx: QueueContext<NetQueueOptions>): QueueHandler {
+  const mode = new Int32Array(ctx.options.rxMode, 0, 3);
+  const queues = new Int32Array(ctx.options.tapQueues);
   return {
     process(queue) {
       for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+        const active = Atomics.load(mode, 2);
         queue.push(chain, handleControl(chain, ctx.options.rxMode, ctx.options.queuePairs));
+        // VQ_PAIRS_SET: the tap's queues follow at once, before a frame is steered to a pair the driver left.
+        if (Atomics.load(mode, 2) !== active) applyActivePairs(queues, Atomics.load(mode, 2), ctx.log);
       }
     },
   };

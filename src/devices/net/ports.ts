@@ -16,6 +16,8 @@ export interface PortHooks {
   /** Counters of this pair (see NET_STATS). */
   stats: Float64Array;
   rxMode: SharedArrayBuffer;
+  /** Which tap queues are attached (see tap-queues.ts). */
+  tapQueues: SharedArrayBuffer;
   /** The pair's receive side, once its queue has started. */
   rx(): RxQueue | null;
   /** Make frames delivered outside the receive queue's own processing visible to the guest (and notify). */
