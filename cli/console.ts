@@ -15,7 +15,8 @@ export const consoleCommand: DeviceCommand = {
   optionsUsage: `  --console BACKEND       port 0, the guest's /dev/hvc0 (default stdio)
   --port NAME=BACKEND     a named port (/sys/class/virtio-ports/*/name; /dev/virtio-ports/NAME with udev); repeat
   --cols N --rows N       the console's size (default: the terminal's for stdio, else 80x24)
-  --max-ports N           max_nr_ports (default 1 + the number of --port)
+  --max-ports N           max_nr_ports (default 1 + the number of --port); more leaves room for ports added at run
+                          time (--control PATH; vhost-ts ctl PATH console-add-port NAME BACKEND)
   --print-qemu-args       print the QEMU options for this device and exit
 BACKEND is one of:
   socket:PATH             a Unix socket server, one client at a time (socat - UNIX-CONNECT:PATH); output while no
@@ -65,6 +66,7 @@ BACKEND is one of:
     const qemu = `${dev.qemuArgs(socketPath).join(' ')}  (QEMU 10.2 or newer; guest RAM shared: memory-backend-memfd,share=on)`;
     const out = (m: string) => process.stderr.write(`vhost-ts console: ${m}${spec.kind === 'stdio' ? '\r' : ''}\n`);
     for (let i = 0; i <= ports.length; i++) out(`port ${i}${i === 0 ? ' (console, /dev/hvc0)' : ` (${ports[i - 1].name})`}: ${dev.describe(i)}`);
+    if (maxPorts > 1 + ports.length) out(`${maxPorts - 1 - ports.length} more port numbers free for ports added at run time (console-add-port)`);
     out(`QEMU: ${qemu}`);
     if (spec.kind === 'stdio') out('Ctrl-] detaches');
     process.once('exit', () => dev.close());

@@ -16,6 +16,11 @@ calls:
   mac-table            the addresses a net switch learned, and their ports
   console-resize COLSxROWS
                        the console port's size
+  console-add-port NAME BACKEND
+                       a named port at run time (BACKEND: socket:PATH, pty or file:PATH), in a free port
+                       number (max_nr_ports is fixed at start: --max-ports); prints its number and backend
+  console-remove-port NAME
+                       take a named port away from the guest and close its backend
   --json           print the answer as JSON (the messages of proto/vhost_ts/control.proto)`;
 
 export async function ctlMain(argv: string[], byteSize: (text: string, flag: string) => number): Promise<number> {
@@ -40,8 +45,15 @@ export async function ctlMain(argv: string[], byteSize: (text: string, flag: str
               ? { macTable: {} }
               : call === 'console-resize' && size
                 ? { consoleResize: { cols: Number(size[1]), rows: Number(size[2]) } }
-                : null;
-  if (!request) throw new UsageError(`unknown ctl call "${call}"\n\n${ctlUsage}`);
+                : call === 'console-add-port' && arg && arg2
+                  ? { consoleAddPort: { name: arg, backend: arg2 } }
+                  : call === 'console-remove-port' && arg
+                    ? { consoleRemovePort: { name: arg } }
+                    : null;
+  if (!request) {
+    const known = ['list', 'stats', 'blk-resize', 'net-link', 'mac-table', 'console-resize', 'console-add-port', 'console-remove-port'];
+    throw new UsageError(`${known.includes(call) ? `ctl ${call}: missing or bad arguments` : `unknown ctl call "${call}"`}\n\n${ctlUsage}`);
+  }
   const client = await ControlClient.connect(path);
   try {
     const answer = await client.call(request);
@@ -87,6 +99,10 @@ function human(answer: Record<string, unknown>): string {
   if (answer.macTable) {
     const entries = (answer.macTable as { entries: { mac: string; port: string; ageMs: number }[] }).entries;
     return entries.length === 0 ? 'no addresses learned' : entries.map((e) => `${e.mac}  ${e.port}  ${Math.round(e.ageMs / 1000)} s ago`).join('\n');
+  }
+  if (answer.consolePort) {
+    const p = answer.consolePort as { id: number; name: string; backend: string };
+    return `port ${p.id} (${p.name}): ${p.backend}; in the guest /dev/vport*p${p.id}, /sys/class/virtio-ports/vport*p${p.id}/name`;
   }
   if (answer.stats) {
     return (answer.stats as { frontends: Frontend[] }).frontends

@@ -62,6 +62,22 @@ export class ControlClient {
     });
   }
 
+  /**
+   * console: add a named port on `backend` (`socket:PATH`, `pty`, `file:PATH`); resolves with its number and the
+   * backend as it serves (a pty's path), rejects with the backend's answer when it cannot.
+   */
+  async consoleAddPort(name: string, backend: string): Promise<{ id: number; name: string; backend: string }> {
+    const r = await this.call({ consoleAddPort: { name, backend } });
+    if (r.error) throw new Error(String(r.error));
+    return r.consolePort as { id: number; name: string; backend: string };
+  }
+
+  /** console: remove the named port; rejects with the backend's answer (no such port, the console port). */
+  async consoleRemovePort(name: string): Promise<void> {
+    const r = await this.call({ consoleRemovePort: { name } });
+    if (r.error) throw new Error(String(r.error));
+  }
+
   close(): void {
     this.socket.destroy();
   }

@@ -1,6 +1,6 @@
 /**
  * The control API on a Unix socket (`--control PATH`): list frontends and queues, per-queue stats, and the calls
- * a device answers (blk: resize). Messages are proto/vhost_ts/control.proto, length-delimited. A malformed
+ * a device answers (blk: resize; net: link, MAC table; console: resize, add and remove a named port). Messages are proto/vhost_ts/control.proto, length-delimited. A malformed
  * message gets an error Response; one that breaks the framing (a length beyond 1 MiB) closes the connection. The
  * devices never notice either.
  *
@@ -14,17 +14,19 @@
 import { lstatSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { BlkDevice } from '../devices/blk/index.js';
-import type { ConsoleDevice } from '../devices/console/index.js';
+import { parseHostEnd, type ConsoleDevice } from '../devices/console/index.js';
 import type { NetDevice } from '../devices/net/index.js';
 import { QueueStat, type Logger, type VhostUserServer } from '../vhost/index.js';
 import { encodeFrame, Request, Response, splitFrames } from './proto.js';
 
 interface RequestObject {
   id?: number;
-  call?: 'list' | 'stats' | 'blkResize' | 'netLink' | 'macTable' | 'consoleResize';
+  call?: 'list' | 'stats' | 'blkResize' | 'netLink' | 'macTable' | 'consoleResize' | 'consoleAddPort' | 'consoleRemovePort';
   blkResize?: { sizeBytes?: number };
   netLink?: { up?: boolean; endpoint?: string };
   consoleResize?: { cols?: number; rows?: number };
+  consoleAddPort?: { name?: string; backend?: string };
+  consoleRemovePort?: { name?: string };
 }
 
 export class ControlServer {
@@ -67,6 +69,8 @@ export class ControlServer {
     socket.on('close', () => this.clients.delete(socket));
     socket.on('error', () => {});
     let pending: Buffer = Buffer.alloc(0);
+    // Some calls finish later (a console port's socket must listen first): answers still go out in request order.
+    let answered: Promise<void> = Promise.resolve();
     socket.on('data', (d: Buffer) => {
       let frames: Buffer[];
       try {
@@ -76,12 +80,18 @@ export class ControlServer {
         socket.end(encodeFrame(Response, { id: 0, error: `${(e as Error).message}: connection closed` }));
         return;
       }
-      for (const f of frames) socket.write(encodeFrame(Response, this.answer(f)));
+      for (const f of frames) {
+        const reply = this.answer(f);
+        answered = answered.then(async () => {
+          const r = await reply;
+          if (!socket.destroyed) socket.write(encodeFrame(Response, r));
+        });
+      }
     });
   }
 
   /** The Response to one framed Request. */
-  private answer(frame: Buffer): object {
+  private async answer(frame: Buffer): Promise<object> {
     let req: RequestObject;
     try {
       req = Request.toObject(Request.decode(frame), { longs: Number, oneofs: true }) as RequestObject;
@@ -103,8 +113,12 @@ export class ControlServer {
           return { id, macTable: { entries: this.net().flatMap(({ device }) => device.macTable()) } };
         case 'consoleResize':
           return { id, ...this.consoleResize(req.consoleResize?.cols ?? 0, req.consoleResize?.rows ?? 0) };
+        case 'consoleAddPort':
+          return { id, ...(await this.consoleAddPort(req.consoleAddPort?.name ?? '', req.consoleAddPort?.backend ?? '')) };
+        case 'consoleRemovePort':
+          return { id, ...this.consoleRemovePort(req.consoleRemovePort?.name ?? '') };
         default:
-          return { id, error: 'unknown or missing call: this backend answers list, stats, blk_resize, net_link, mac_table and console_resize' };
+          return { id, error: 'unknown or missing call: this backend answers list, stats, blk_resize, net_link, mac_table, console_resize, console_add_port and console_remove_port' };
       }
     } catch (e) {
       return { id, error: (e as Error).message };
@@ -158,11 +172,39 @@ export class ControlServer {
     return { done: {} };
   }
 
+  /** The console device served here (device ID 3). */
+  private console(): ConsoleDevice | null {
+    return this.targets.map((t) => t.device).find((d): d is ConsoleDevice => d.deviceId === 3 && typeof (d as Partial<ConsoleDevice>).addPort === 'function') ?? null;
+  }
+
   private consoleResize(cols: number, rows: number): object {
-    const con = this.targets.map((t) => t.device).find((d): d is ConsoleDevice => d.deviceId === 3 && typeof (d as Partial<ConsoleDevice>).resize === 'function');
+    const con = this.console();
     if (!con) return { error: 'this backend serves no console device' };
     if (!(cols >= 1 && cols <= 0xffff && rows >= 1 && rows <= 0xffff)) return { error: `a size of ${cols}x${rows}: 1 to 65535 each` };
     con.resize(cols, rows);
+    return { done: {} };
+  }
+
+  private async consoleAddPort(name: string, backend: string): Promise<object> {
+    const con = this.console();
+    if (!con) return { error: 'this backend serves no console device' };
+    if (name === '') return { error: 'console_add_port needs the name of the port' };
+    let spec;
+    try {
+      spec = parseHostEnd(backend);
+    } catch {
+      return { error: `a port backend of "${backend}": use socket:PATH, pty or file:PATH` };
+    }
+    const port = await con.addPort({ name, backend: spec });
+    this.log.info(`console port ${port.id} (${port.name}) added: ${port.backend}`);
+    return { consolePort: { id: port.id, name: port.name, backend: port.backend } };
+  }
+
+  private consoleRemovePort(name: string): object {
+    const con = this.console();
+    if (!con) return { error: 'this backend serves no console device' };
+    con.removePort(name);
+    this.log.info(`console port ${name} removed`);
     return { done: {} };
   }
 

@@ -40,7 +40,16 @@ export interface HostEnd {
   size(): WindowSize | null;
   /** Tell the end the guest's size (a pty: what a terminal program attaching to it sees first). */
   setSize?(size: WindowSize): void;
-  close(): void;
+  /**
+   * Resolves once the end serves (a socket listens); rejects with why it cannot (the path is taken, the directory
+   * is missing). Ends that open synchronously throw from {@link openHostEnd} instead and resolve at once.
+   */
+  readonly ready: Promise<void>;
+  /**
+   * Let go of everything. `flush`: output already written still reaches the client (a socket's is sent, then
+   * end-of-file) instead of being cut off; for a port removed at run time rather than a process that exits.
+   */
+  close(flush?: boolean): void;
 }
 
 export type HostEndSpec =
@@ -58,6 +67,7 @@ export function parseHostEnd(text: string): HostEndSpec {
   throw new Error(`console backend "${text}": use socket:PATH, pty, stdio or file:PATH`);
 }
 
+/** The spec as `parseHostEnd` reads it back (`socket:PATH`: what a saved state records). */
 export function describeHostEnd(spec: HostEndSpec): string {
   return spec.kind === 'socket' || spec.kind === 'file' ? `${spec.kind}:${spec.path}` : spec.kind;
 }
@@ -86,6 +96,9 @@ class SocketEnd implements HostEnd {
   private client: Socket | null = null;
   private waiting: Socket | null = null;
   private paused = false;
+  /** The path is ours to unlink only once we listened on it (it may be someone's file). */
+  private listening = false;
+  readonly ready: Promise<void>;
 
   constructor(
     private readonly path: string,
@@ -94,7 +107,17 @@ class SocketEnd implements HostEnd {
     this.description = `socket ${path}`;
     removeStaleSocket(path);
     this.server = createServer((socket) => this.accept(socket));
-    this.server.on('error', (e) => events.log(`${this.description}: ${e.message}`));
+    this.ready = new Promise((resolve, reject) => {
+      this.server.once('listening', () => {
+        this.listening = true;
+        resolve();
+      });
+      this.server.on('error', (e) => {
+        events.log(`${this.description}: ${e.message}`);
+        reject(e);
+      });
+    });
+    this.ready.catch(() => {}); // ends opened at start-up are not awaited: the log says it
     this.server.listen(path);
   }
 
@@ -161,11 +184,19 @@ class SocketEnd implements HostEnd {
     return null;
   }
 
-  close(): void {
+  close(flush = false): void {
     this.waiting?.destroy();
-    this.client?.destroy();
+    const client = this.client;
+    if (flush && client) {
+      // What was written is sent, then end-of-file; a client that does not read it is cut off after a while.
+      client.end();
+      const timer = setTimeout(() => client.destroy(), FLUSH_MS);
+      timer.unref();
+      client.once('close', () => clearTimeout(timer));
+    } else client?.destroy();
     this.waiting = this.client = null;
     this.server.close();
+    if (!this.listening) return;
     try {
       unlinkSync(this.path);
     } catch {
@@ -173,6 +204,9 @@ class SocketEnd implements HostEnd {
     }
   }
 }
+
+/** How long a closing socket end waits for its client to take the output already written. */
+const FLUSH_MS = 5000;
 
 function removeStaleSocket(path: string): void {
   try {
@@ -199,6 +233,7 @@ class PtyEnd implements HostEnd {
   private paused = false;
   private last: WindowSize;
   private readonly buf = new Uint8Array(4096);
+  readonly ready = Promise.resolve();
   /** Output the master could not take yet (EAGAIN): retried on the next check. */
   private stuck: Uint8Array | null = null;
 
@@ -336,6 +371,7 @@ class PtyEnd implements HostEnd {
 class StdioEnd implements HostEnd {
   readonly description = 'stdio';
   readonly connected = true;
+  readonly ready = Promise.resolve();
   private readonly onData = (d: Buffer) => this.input(d);
   private readonly onResize = () => {
     const s = this.size();
@@ -396,6 +432,7 @@ class StdioEnd implements HostEnd {
 class FileEnd implements HostEnd {
   readonly description: string;
   readonly connected = true;
+  readonly ready = Promise.resolve();
   private readonly out: WriteStream;
 
   constructor(path: string, events: HostEndEvents) {

@@ -7,6 +7,10 @@
  * The queues run on the main thread beside the host ends (a console moves kilobytes, not gigabits), so the
  * handlers and the ports share plain objects.
  *
+ * Named ports can be added and removed at run time ({@link ConsoleDevice.addPort}, {@link ConsoleDevice.removePort}:
+ * the control API's console_add_port and console_remove_port), into the port numbers below max_nr_ports, which is
+ * fixed when the device is created (its queues exist from the start).
+ *
  * Flow control: the guest's output is taken only while its host end keeps up; while no client is attached it
  * goes to a bounded backlog (BACKLOG_BYTES per port, delivered when one attaches). The console port must always
  * be drained (Linux's hvc spins until its output is taken), so there the oldest backlog bytes are dropped, and
@@ -22,11 +26,12 @@
  * console.log(dev.qemuArgs('/tmp/console.sock').join(' '));
  * ```
  */
+import { resolve } from 'node:path';
 import type { FrontendLink, QueueContext, QueueHandler, VhostUserDevice } from '../../vhost/device.js';
 import { bit } from '../../vhost/device.js';
 import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import type { WindowSize } from '../../sys/index.js';
-import { describeHostEnd, openHostEnd, type HostEnd, type HostEndSpec } from './host-ends.js';
+import { describeHostEnd, openHostEnd, parseHostEnd, type HostEnd, type HostEndSpec } from './host-ends.js';
 import {
   CONFIG_EMERG_WR,
   CONFIG_SIZE,
@@ -37,6 +42,7 @@ import {
   VIRTIO_CONSOLE_CONSOLE_PORT,
   VIRTIO_CONSOLE_DEVICE_ADD,
   VIRTIO_CONSOLE_DEVICE_READY,
+  VIRTIO_CONSOLE_DEVICE_REMOVE,
   VIRTIO_CONSOLE_F_EMERG_WRITE,
   VIRTIO_CONSOLE_F_MULTIPORT,
   VIRTIO_CONSOLE_F_SIZE,
@@ -44,6 +50,7 @@ import {
   VIRTIO_CONSOLE_PORT_OPEN,
   VIRTIO_CONSOLE_PORT_READY,
   VIRTIO_CONSOLE_RESIZE,
+  VIRTIO_F_RING_PACKED,
   VIRTIO_ID_CONSOLE,
   encodeConfig,
   encodeControl,
@@ -97,8 +104,38 @@ export interface ConsolePortStats {
   dropped: number;
 }
 
+/** A call to addPort or removePort that cannot be done; the device is unchanged and keeps serving. */
+export class ConsolePortError extends Error {
+  override readonly name = 'ConsolePortError';
+  constructor(
+    readonly code: 'BAD_NAME' | 'NAME_TAKEN' | 'BAD_BACKEND' | 'NO_FREE_SLOT' | 'UNKNOWN_PORT' | 'CONSOLE_PORT',
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
 export interface ConsoleDevice extends VhostUserDevice<Record<string, never>> {
+  /** The ports there are now, by number. */
   ports(): ConsolePortStats[];
+  /**
+   * Add a named port at run time, into the lowest free port number (one no port held since the driver set the
+   * device up, when there is one). A driver that set the device up is told at once (DEVICE_ADD; its name and
+   * open state follow its PORT_READY, as at start-up); otherwise the port is announced with the others when the
+   * driver sends DEVICE_READY. The backend serves before the guest hears of the port (a socket listens).
+   * Rejects with a {@link ConsolePortError} (a name in use or not valid, stdio, a socket another port listens on,
+   * every number below max_nr_ports taken) or the backend's own error (a path that cannot be opened).
+   */
+  addPort(port: ConsolePortOptions): Promise<ConsolePortStats>;
+  /**
+   * Remove a named port: the guest is told (DEVICE_REMOVE) and its device goes; the host end closes (a socket's
+   * client gets what was written to it, then end-of-file). What the guest wrote that the backend had not taken is
+   * given back to it unread, as QEMU's virtio-serial does on unplug, and output waiting for a client in the
+   * backlog is dropped (both counted in the log); host input the guest had not taken is dropped too (Linux drops
+   * what an unplugged port had not read). Port 0, the console port, cannot be removed. The number is free again for a
+   * later addPort: at once on split rings, on packed rings once the driver has reset the device.
+   */
+  removePort(name: string): void;
   /** Change the console's size: the guest is told (RESIZE, or config change without MULTIPORT). */
   resize(cols: number, rows: number): void;
   /** The port's host end description, e.g. "pty /dev/pts/3". */
@@ -112,12 +149,32 @@ export interface ConsoleDevice extends VhostUserDevice<Record<string, never>> {
 /** Most bad control messages logged per connection; the rest are counted only. */
 const BAD_MESSAGE_LOG_LIMIT = 20;
 
+/**
+ * A port number's queues (port 0: 0 and 1; port n ≥ 1: 2n+2 and 2n+3), which exist for the device's life, and the
+ * port that holds the number now, if any.
+ */
+class Slot {
+  rx: QueueContext | null = null;
+  tx: QueueContext | null = null;
+  port: Port | null = null;
+  /** An addPort is opening its host end for this number. */
+  reserved = false;
+  /** A port held the number since the driver set the device up (a new port prefers a number that none did). */
+  used = false;
+  /** A port was removed from here: late messages of the guest about it are expected, not hostile. */
+  vacated = false;
+  /** The port is being removed: the transmit ring's chains are given back unread. */
+  discarding = false;
+  discarded = 0;
+}
+
 class Port {
   added = false;
   ready = false;
   guestOpen = false;
+  /** Removed at run time: events of its closing host end are not the port's any more. */
+  removed = false;
   // Guest -> host.
-  tx: QueueContext | null = null;
   backedUp = false;
   /**
    * The chain whose bytes the host end still holds in this process: given back to the guest only once they
@@ -135,7 +192,6 @@ class Port {
   dropped = 0;
   droppedSinceLog = 0;
   // Host -> guest.
-  rx: QueueContext | null = null;
   readonly pending: Uint8Array[] = [];
   pendingBytes = 0;
   pendingOffset = 0; // bytes of pending[0] already delivered
@@ -145,11 +201,27 @@ class Port {
   end!: HostEnd;
 
   constructor(
+    readonly slot: Slot,
     readonly id: number,
     readonly name: string,
-    readonly isConsole: boolean,
+    readonly spec: HostEndSpec,
   ) {}
+
+  get isConsole(): boolean {
+    return this.id === 0;
+  }
+
+  get tx(): QueueContext | null {
+    return this.slot.tx;
+  }
+
+  get rx(): QueueContext | null {
+    return this.slot.rx;
+  }
 }
+
+/** What Linux and udev take as a port's name. */
+const NAME_PATTERN = /^[\x21-\x7e]{1,255}$/;
 
 export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
   const named = opts.ports ?? [];
@@ -159,21 +231,25 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
   }
   const names = new Set<string>();
   for (const p of named) {
-    if (!/^[\x21-\x7e]{1,255}$/.test(p.name)) throw new RangeError(`port name "${p.name}": 1 to 255 printable ASCII characters, no spaces`);
+    if (!NAME_PATTERN.test(p.name)) throw new RangeError(`port name "${p.name}": 1 to 255 printable ASCII characters, no spaces`);
     if (names.has(p.name)) throw new RangeError(`port name "${p.name}" is given twice`);
     names.add(p.name);
   }
   const log = opts.log ?? ((m: string) => process.stderr.write(`console: ${m}\n`));
 
-  const ports: Port[] = [new Port(0, '', true), ...named.map((p, i) => new Port(i + 1, p.name, false))];
-  const specs: HostEndSpec[] = [opts.console, ...named.map((p) => p.backend)];
+  const slots: Slot[] = Array.from({ length: maxPorts }, () => new Slot());
+  /** The ports there are, in number order. */
+  const present = (): Port[] => slots.flatMap((s) => (s.port ? [s.port] : []));
   let multiport = false;
+  let packedRings = false;
+  /** The driver sent DEVICE_READY (or set the device up before this backend started): new ports are added at once. */
+  let driverReady = false;
   let frontend: FrontendLink | null = null;
   let ctrlRx: QueueContext | null = null;
   const ctrlOut: Uint8Array[] = [];
   let badMessages = 0;
-  /** Ports the guest had open, from a loaded state (null: none loaded). */
-  let loadedOpen: boolean[] | null = null;
+  /** Ports the guest had open, by number, from a loaded state (null: none loaded). */
+  let loadedOpen: Map<number, boolean> | null = null;
   let size: WindowSize = { cols: 80, rows: 24 };
 
   const bad = (what: string): void => {
@@ -360,22 +436,22 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
     if (!multiport) return bad(`${what}: MULTIPORT was not negotiated`);
     if (event === VIRTIO_CONSOLE_DEVICE_READY) {
       if (value !== 1) return log('the guest driver failed to set up the device (DEVICE_READY 0)');
-      for (const p of ports) {
-        if (p.added) continue;
-        p.added = true;
-        sendControl(p.id, VIRTIO_CONSOLE_DEVICE_ADD, 0);
-      }
+      driverReady = true;
+      for (const p of present()) announce(p);
       return;
     }
     if (event !== VIRTIO_CONSOLE_PORT_READY && event !== VIRTIO_CONSOLE_PORT_OPEN) return bad(`${what}: not an event a driver sends`);
     if (id >= maxPorts) return bad(`${what}: beyond max_nr_ports ${maxPorts}`);
-    const port = ports[id];
-    if (port === undefined || !port.added) return bad(`${what}: no such port was added`);
+    const slot = slots[id];
+    const port = slot.port;
+    // A port removed here (and maybe added again) may hear from the guest about the old one until the guest has
+    // taken the removal in: nothing to act on, and nothing wrong.
+    if (port === null || !port.added) return slot.vacated ? undefined : bad(`${what}: no such port was added`);
     if (event === VIRTIO_CONSOLE_PORT_READY) {
       if (value !== 1) return log(`port ${id}: the guest failed to set it up (PORT_READY 0)`);
       return portReady(port);
     }
-    if (!port.ready) return bad(`${what}: before PORT_READY`);
+    if (!port.ready) return slot.vacated ? undefined : bad(`${what}: before PORT_READY`);
     const open = value !== 0;
     if (open === port.guestOpen) return;
     port.guestOpen = open;
@@ -403,10 +479,12 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
       // reopen as clients attach to this backend.
       if (ctx.resumed && multiport) {
         log('the driver set the device up before this backend started: adding its ports again');
-        for (const p of ports) {
+        driverReady = true;
+        for (const p of present()) {
           p.added = true;
+          p.slot.used = true;
           // A saved state knows which ports the guest has open; without one, all are taken as open.
-          p.guestOpen = loadedOpen ? loadedOpen[p.id] : true;
+          p.guestOpen = loadedOpen ? (loadedOpen.get(p.id) ?? false) : true;
           sendControl(p.id, VIRTIO_CONSOLE_PORT_OPEN, 0);
           sendControl(p.id, VIRTIO_CONSOLE_DEVICE_ADD, 0);
         }
@@ -420,72 +498,224 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
         },
       };
     }
-    const port = ports[where.port];
-    if (port === undefined) {
-      // A queue of a port number we never add: the guest posts buffers there, but nothing flows.
-      return { process() {} };
-    }
+    // A port number's queues serve whichever port holds the number; with none there, nothing flows (the guest
+    // has no port there to post buffers for, or is reclaiming those of one just removed: hands off).
+    const slot = slots[where.port];
     if (where.dir === 'rx') {
-      port.rx = ctx;
+      slot.rx = ctx;
       return {
-        process: () => deliverIn(port),
+        process: () => {
+          if (slot.port) deliverIn(slot.port);
+        },
         stop: () => {
-          port.rx = null;
+          slot.rx = null;
         },
       };
     }
-    port.tx = ctx;
+    slot.tx = ctx;
     return {
-      process: (queue) => serveTx(port, queue),
+      process: (queue) => {
+        if (slot.discarding) discardOutput(slot, queue);
+        else if (slot.port) serveTx(slot.port, queue);
+      },
       stop: (queue) => {
         // Its bytes may never reach the client: the ring keeps the chain for whoever serves the queue next (a
         // client may see them twice, never not at all).
-        if (port.held !== null) queue.unpop(port.held);
-        port.held = null;
-        port.tx = null;
+        const port = slot.port;
+        if (port !== null && port.held !== null) queue.unpop(port.held);
+        if (port !== null) port.held = null;
+        slot.tx = null;
       },
     };
   };
 
+  /** A port being removed: what the guest wrote and we did not take goes back unread (QEMU's discard_vq_data). */
+  const discardOutput = (slot: Slot, queue: Virtqueue): void => {
+    for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+      slot.discarded += chain.readableBytes;
+      queue.push(chain, 0);
+    }
+  };
+
+  /** DEVICE_ADD for a port the driver has not been told of; its name and open state follow its PORT_READY. */
+  const announce = (port: Port): void => {
+    if (port.added) return;
+    port.added = true;
+    port.slot.used = true;
+    sendControl(port.id, VIRTIO_CONSOLE_DEVICE_ADD, 0);
+  };
+
   // ---- Host ends ---------------------------------------------------------------------------------------------
 
-  const opened: HostEnd[] = [];
+  /** A port with its host end open (not yet in its slot). Events of the end stop counting once it is removed. */
+  const openPort = (id: number, name: string, spec: HostEndSpec): Port => {
+    const port = new Port(slots[id], id, name, spec);
+    port.end = openHostEnd(spec, {
+      input: (bytes) => port.removed || input(port, bytes),
+      connection: (open) => port.removed || attached(port, open),
+      resize: (s) => port.removed || (port.isConsole && resize(s.cols, s.rows)),
+      drain: () => {
+        if (port.removed) return;
+        port.backedUp = false;
+        port.tx?.resume();
+      },
+      detach: () => opts.onDetach?.(),
+      log,
+    });
+    return port;
+  };
+
   try {
-    for (const port of ports) {
-      port.end = openHostEnd(specs[port.id], {
-        input: (bytes) => input(port, bytes),
-        connection: (open) => attached(port, open),
-        resize: (s) => port.isConsole && resize(s.cols, s.rows),
-        drain: () => {
-          port.backedUp = false;
-          port.tx?.resume();
-        },
-        detach: () => opts.onDetach?.(),
-        log,
-      });
-      opened.push(port.end);
-    }
+    [{ name: '', backend: opts.console }, ...named].forEach((p, id) => {
+      slots[id].port = openPort(id, p.name, p.backend);
+    });
   } catch (e) {
-    for (const end of opened) end.close();
+    for (const p of present()) p.end.close();
     throw e;
   }
-  const own = ports[0].end.size();
+  const console0 = slots[0].port!;
+  const own = console0.end.size();
   size = { cols: opts.cols ?? (own && own.cols > 0 ? own.cols : 80), rows: opts.rows ?? (own && own.rows > 0 ? own.rows : 24) };
-  ports[0].end.setSize?.(size);
+  console0.end.setSize?.(size);
+
+  const stats = (p: Port): ConsolePortStats => ({
+    id: p.id,
+    name: p.name,
+    backend: p.end.description,
+    hostOpen: p.end.connected,
+    guestOpen: p.guestOpen,
+    bytesToGuest: p.bytesToGuest,
+    bytesFromGuest: p.bytesFromGuest,
+    backlogged: p.backlogBytes,
+    heldForGuest: p.pendingBytes,
+    dropped: p.dropped,
+  });
+
+  /** Why a named port with this name and backend cannot join the ports there are (and those being added), or null. */
+  const conflict = (name: string, spec: HostEndSpec, others: readonly { name: string; spec: HostEndSpec }[]): ConsolePortError | null => {
+    if (!NAME_PATTERN.test(name)) return new ConsolePortError('BAD_NAME', `port name "${name}": 1 to 255 printable ASCII characters, no spaces`);
+    const taken = others.find((o) => o.name === name);
+    if (taken) return new ConsolePortError('NAME_TAKEN', `a port named "${name}" exists already`);
+    if (spec.kind === 'stdio') {
+      return new ConsolePortError('BAD_BACKEND', 'stdio cannot be a backend added at run time (the terminal is set up when the program starts: give it with --port there); use socket:PATH, pty or file:PATH');
+    }
+    if (spec.kind === 'socket' && others.some((o) => o.spec.kind === 'socket' && resolvePath(o.spec.path) === resolvePath(spec.path))) {
+      return new ConsolePortError('BAD_BACKEND', `socket:${spec.path} is the backend of another port of this console`);
+    }
+    return null;
+  };
+  const adding = new Map<string, { name: string; spec: HostEndSpec }>();
+  let closed = false;
+
+  async function addPort(p: ConsolePortOptions): Promise<ConsolePortStats> {
+    const refused = conflict(p.name, p.backend, [...present(), ...adding.values()]);
+    if (refused) throw refused;
+    // On packed rings a number whose port was removed stays taken until the driver resets the device: Linux takes
+    // back the buffers of a removed port without taking them out of a packed ring (virtqueue_detach_unused_buf
+    // rewinds only a split ring's avail index), so a new port there would fill guest memory the driver freed.
+    // Measured with Debian 12's kernel: reused anyway, the device popped the old port's buffer ids 1, 2, 3... where
+    // a fresh fill has 63, 62...; the data came out right only because the slab gave each id its old page back.
+    const free = slots.filter((s) => s.port === null && !s.reserved && !(packedRings && s.vacated));
+    const slot = free.find((s) => !s.used) ?? free[0];
+    if (slot === undefined) {
+      const stale = slots.filter((s) => s.port === null && s.vacated).map((s) => slots.indexOf(s));
+      throw new ConsolePortError(
+        'NO_FREE_SLOT',
+        `no free port number for "${p.name}": max_nr_ports is ${maxPorts} (the console and ${maxPorts - 1} named ports) and it is fixed when the device is created: start vhost-ts console with a larger --max-ports` +
+          (stale.length > 0 && packedRings
+            ? `. Port ${stale.join(', ')} was removed, but on packed rings its number is free again only once the guest's driver resets the device (it leaves a removed port's buffers in the ring); with split rings (--no-packed) it is free at once`
+            : ''),
+      );
+    }
+    const id = slots.indexOf(slot);
+    slot.reserved = true;
+    adding.set(p.name, { name: p.name, spec: p.backend });
+    let port: Port | null = null;
+    try {
+      port = openPort(id, p.name, p.backend);
+      await port.end.ready;
+    } catch (e) {
+      port?.end.close();
+      throw new ConsolePortError('BAD_BACKEND', `port "${p.name}" on ${describeHostEnd(p.backend)}: ${(e as Error).message}`);
+    } finally {
+      slot.reserved = false;
+      adding.delete(p.name);
+    }
+    if (closed) {
+      port.end.close();
+      throw new ConsolePortError('BAD_BACKEND', `port "${p.name}": the console closed meanwhile`);
+    }
+    slot.port = port;
+    log(`port ${id} (${p.name}): ${port.end.description}: added`);
+    if (multiport && driverReady) announce(port);
+    // Nothing of the guest's should be waiting in a new port's rings; if something is, it is this port's now.
+    slot.tx?.resume();
+    return stats(port);
+  }
+
+  function removePort(name: string): void {
+    if (name === '') throw new ConsolePortError('CONSOLE_PORT', 'port 0, the console port (the guest\'s /dev/hvc0), cannot be removed; name a named port');
+    const port = present().find((p) => p.name === name);
+    if (port === undefined) {
+      const names = present().filter((p) => p.name !== '').map((p) => `${p.name} (port ${p.id})`);
+      throw new ConsolePortError('UNKNOWN_PORT', `no port named "${name}"; this console's named ports: ${names.length > 0 ? names.join(', ') : 'none'}`);
+    }
+    const slot = port.slot;
+    port.removed = true;
+    // The guest's output first, and published before the guest hears of the removal: once it has, Linux takes back
+    // the buffers we have not used (rewinding a split ring's avail index), and we must not touch the rings again.
+    const tx = slot.tx;
+    if (tx !== null) {
+      if (port.held !== null) {
+        // Its bytes are with the host end already: they go out as it closes.
+        tx.queue.push(port.held, 0);
+        port.held = null;
+        tx.publish();
+      }
+      slot.discarding = true;
+      try {
+        tx.resume(); // serves the queue now (its thread is this one): discardOutput, then publish
+      } finally {
+        slot.discarding = false;
+      }
+    }
+    const discarded = slot.discarded;
+    const backlogged = port.backlogBytes;
+    const unread = port.pendingBytes;
+    slot.discarded = 0;
+    slot.port = null;
+    slot.vacated = true;
+    // Control messages for the port that the guest has not taken yet are of no use now.
+    for (let i = ctrlOut.length - 1; i >= 0; i--) if (controlId(ctrlOut[i]) === port.id) ctrlOut.splice(i, 1);
+    if (multiport && port.added) sendControl(port.id, VIRTIO_CONSOLE_DEVICE_REMOVE, 0);
+    port.end.close(true);
+    const lost = [
+      discarded > 0 ? `${discarded} bytes the guest wrote and no client took were given back to it unread` : '',
+      backlogged > 0 ? `${backlogged} bytes of output waiting for a client were dropped` : '',
+      unread > 0 ? `${unread} bytes of input the guest had not read were dropped` : '',
+    ].filter((l) => l !== '');
+    log(`port ${port.id} (${name}): removed${lost.length > 0 ? `; ${lost.join('; ')}` : ''}`);
+  }
 
   function resize(cols: number, rows: number): void {
     if (!(cols > 0 && cols <= 0xffff && rows > 0 && rows <= 0xffff)) throw new RangeError(`console size ${cols}x${rows}: 1 to 65535 each`);
     if (cols === size.cols && rows === size.rows) return;
     size = { cols, rows };
-    if (multiport) sendResize(ports[0]);
+    if (multiport) sendResize(console0);
     else frontend?.configChanged();
   }
 
   const reset = (): void => {
     multiport = false;
+    packedRings = false;
+    driverReady = false;
     badMessages = 0;
     ctrlOut.length = 0;
-    for (const p of ports) {
+    for (const s of slots) {
+      s.used = false;
+      s.vacated = false;
+    }
+    for (const p of present()) {
       p.added = false;
       p.ready = false;
       p.guestOpen = false;
@@ -503,60 +733,108 @@ export function consoleDevice(opts: ConsoleOptions): ConsoleDevice {
     writeConfig(offset, data) {
       // emerg_wr: one character for port 0, even before the driver is ready. QEMU writes the whole config.
       const at = CONFIG_EMERG_WR - offset;
-      if (at >= 0 && at < data.length) out(ports[0], data.slice(at, at + 1));
+      if (at >= 0 && at < data.length) out(console0, data.slice(at, at + 1));
     },
     featuresNegotiated(features) {
       multiport = (features & bit(VIRTIO_CONSOLE_F_MULTIPORT)) !== 0n;
+      packedRings = (features & bit(VIRTIO_F_RING_PACKED)) !== 0n;
       // Without MULTIPORT the driver makes port 0 its console at once; no control messages follow.
-      if (!multiport) ports[0].guestOpen = true;
+      if (!multiport) console0.guestOpen = true;
     },
     reset,
     bindFrontend(f) {
       frontend = f;
     },
-    // For a planned restart (--state-file): which ports the guest has open, and the output waiting for clients.
+    // For a planned restart (--state-file): the ports (those added at run time too), which of them the guest has
+    // open, and the output waiting for clients.
     state: {
       kind: 'console',
       save: () => ({
-        ports: ports.map((p) => ({ id: p.id, guestOpen: p.guestOpen, backlog: concatBytes(p.backlog, p.backlogBytes), dropped: p.dropped })),
+        ports: present().map((p) => ({
+          id: p.id,
+          name: p.name,
+          backend: describeHostEnd(p.spec),
+          guestOpen: p.guestOpen,
+          backlog: concatBytes(p.backlog, p.backlogBytes),
+          dropped: p.dropped,
+        })),
       }),
-      load(s: object) {
-        const st = s as { ports?: { id: number; guestOpen?: boolean; backlog?: Uint8Array; dropped?: number }[] };
-        const saved = st.ports ?? [];
-        if (saved.some((p) => ports[p.id] === undefined)) throw new RangeError(`a console state with ports ${saved.map((p) => p.id).join(', ')}; this console has ${ports.length}`);
-        loadedOpen = ports.map(() => false);
-        for (const p of saved) {
-          const port = ports[p.id];
-          loadedOpen[p.id] = p.guestOpen ?? false;
-          if (p.backlog && p.backlog.length > 0) {
-            port.backlog.push(p.backlog.slice());
-            port.backlogBytes += p.backlog.length;
-          }
-          port.dropped += p.dropped ?? 0;
-        }
-      },
+      load: (s: object) => loadState(s as SavedConsole),
     },
     dataPlane: { options: {}, thread: 'main', createQueueHandler, groups: [Array.from({ length: queuesFor(maxPorts) }, (_, i) => i)] },
-    ports: () =>
-      ports.map((p) => ({
-        id: p.id,
-        name: p.name,
-        backend: p.end.description,
-        hostOpen: p.end.connected,
-        guestOpen: p.guestOpen,
-        bytesToGuest: p.bytesToGuest,
-        bytesFromGuest: p.bytesFromGuest,
-        backlogged: p.backlogBytes,
-        heldForGuest: p.pendingBytes,
-        dropped: p.dropped,
-      })),
+    ports: () => present().map(stats),
+    addPort,
+    removePort,
     resize,
-    describe: (port) => ports[port]?.end.description ?? describeHostEnd(specs[port]),
+    describe: (port) => slots[port]?.port?.end.description ?? '',
     qemuArgs: (socketPath, id) => consoleQemuArgs(socketPath, maxPorts, id),
     close() {
-      for (const p of ports) p.end.close();
+      closed = true;
+      for (const p of present()) p.end.close();
     },
   };
+
+  /**
+   * A saved state must describe these ports: each port of this console by its number and name (the names of a
+   * state saved before ports had them are not checked), and what it lacks are ports added at run time, which are
+   * opened again from their recorded backend. A port this console has and the state does not (removed at run
+   * time), a different name under a number, or a number beyond max_nr_ports is a mismatch: refused, nothing
+   * changed.
+   */
+  function loadState(st: SavedConsole): void {
+    const saved = st.ports ?? [];
+    const mismatch = (why: string) => new RangeError(`the console state does not fit this console: ${why}`);
+    const toOpen: { id: number; name: string; spec: HostEndSpec }[] = [];
+    for (const p of saved) {
+      if (p.id >= maxPorts) throw mismatch(`it has port ${p.id}${p.name ? ` (${p.name})` : ''}, beyond max_nr_ports ${maxPorts}: start with --max-ports ${p.id + 1} or more`);
+      const here = slots[p.id].port;
+      if (here !== null) {
+        if (p.name && p.name !== here.name) throw mismatch(`port ${p.id} is "${p.name}" there and "${here.name}" here`);
+        continue;
+      }
+      if (!p.name || !p.backend) throw mismatch(`it has port ${p.id}, which this console does not`);
+      let spec: HostEndSpec;
+      try {
+        spec = parseHostEnd(p.backend);
+      } catch (e) {
+        throw mismatch(`port ${p.id} (${p.name}): ${(e as Error).message}`);
+      }
+      const refused = conflict(p.name, spec, [...present(), ...toOpen]);
+      if (refused) throw mismatch(`port ${p.id}: ${refused.message}`);
+      toOpen.push({ id: p.id, name: p.name, spec });
+    }
+    const gone = present().filter((port) => port.id !== 0 && !saved.some((p) => p.id === port.id));
+    if (gone.length > 0) {
+      const which = gone.map((p) => `${p.id}${p.name ? ` (${p.name})` : ''}`).join(', ');
+      throw mismatch(`this console has port ${which}, which the state does not (removed at run time before it was saved): start without that --port, or without the state`);
+    }
+    const opened: Port[] = [];
+    try {
+      for (const p of toOpen) opened.push(openPort(p.id, p.name, p.spec));
+    } catch (e) {
+      for (const port of opened) port.end.close();
+      throw e;
+    }
+    for (const port of opened) {
+      slots[port.id].port = port;
+      log(`port ${port.id} (${port.name}): ${port.end.description}: added again from the saved state`);
+    }
+    loadedOpen = new Map();
+    for (const p of saved) {
+      const port = slots[p.id].port!;
+      loadedOpen.set(p.id, p.guestOpen ?? false);
+      if (p.backlog && p.backlog.length > 0) {
+        port.backlog.push(p.backlog.slice());
+        port.backlogBytes += p.backlog.length;
+      }
+      port.dropped += p.dropped ?? 0;
+    }
+  }
+}
+
+/** state.proto's ConsoleState as an object. */
+interface SavedConsole {
+  ports?: { id: number; name?: string; backend?: string; guestOpen?: boolean; backlog?: Uint8Array; dropped?: number }[];
 }
 
 /**
@@ -606,6 +884,8 @@ function fillFromPending(port: Port, chain: DescriptorChain): number {
   }
   return total;
 }
+
+const resolvePath = (p: string): string => resolve(p);
 
 const controlId = (m: Uint8Array): number => new DataView(m.buffer, m.byteOffset).getUint32(0, true);
 const controlEvent = (m: Uint8Array): number => new DataView(m.buffer, m.byteOffset).getUint16(4, true);

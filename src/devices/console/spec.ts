@@ -6,6 +6,9 @@ export const VIRTIO_CONSOLE_F_SIZE = 0;
 export const VIRTIO_CONSOLE_F_MULTIPORT = 1;
 export const VIRTIO_CONSOLE_F_EMERG_WRITE = 2;
 
+/** The transport's packed ring layout (virtio 1.2 §6), which decides whether a removed port's number can be reused. */
+export const VIRTIO_F_RING_PACKED = 34;
+
 /** struct virtio_console_config { le16 cols; le16 rows; le32 max_nr_ports; le32 emerg_wr; } */
 export const CONFIG_SIZE = 12;
 export const CONFIG_EMERG_WR = 8;
