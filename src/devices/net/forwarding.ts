@@ -155,7 +155,6 @@ export class Forwarder {
 class TapUplink implements SwitchMember {
   private readonly watch: { close(): void };
   private readonly bounce = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
-  private readonly bounceHeader = this.bounce.subarray(0, NET_HDR_SIZE);
   private readonly frame = new BytesFrame();
   private readonly out = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
   private closed = false;
@@ -205,7 +204,7 @@ class TapUplink implements SwitchMember {
       if (len < 0) break;
       if (len < NET_HDR_SIZE + ETH_HEADER) continue;
       this.frame.set(this.bounce, len - NET_HDR_SIZE, NET_HDR_SIZE);
-      this.sw.forward(UPLINK_PORT, this.frame, this.bounceHeader);
+      this.sw.forward(UPLINK_PORT, this.frame, this.bounce, 0);
     }
     // The thread's end of batch publishes the ports these frames went to.
   }

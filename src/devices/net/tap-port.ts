@@ -33,7 +33,6 @@ export class TapPort implements PortBackend {
   readonly name: string;
   private readonly iov = new IovecArray(64);
   private readonly bounce = new Uint8Array(NET_HDR_SIZE + MAX_FRAME);
-  private readonly bounceHeader = this.bounce.subarray(0, NET_HDR_SIZE);
   private readonly frame = new BytesFrame();
   /** Length of a frame read but not yet delivered (0: none). */
   private pending = 0;
@@ -202,7 +201,7 @@ export class TapPort implements PortBackend {
         }
       }
       this.frame.set(this.bounce, len - NET_HDR_SIZE, NET_HDR_SIZE);
-      const r = rx.deliver(this.frame, this.bounceHeader);
+      const r = rx.deliver(this.frame, this.bounce, 0);
       if (r === 'no-buffers') {
         this.pending = len;
         // We consumed buffers outside the queue's own processing, so avail_event is stale: re-arm it, or the
