@@ -4,7 +4,7 @@
 // ways, what happens to output the guest wrote and no client took, the refusals, reuse of a removed port's number,
 // ports added before the driver is up, and the saved state that describes them.
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -22,6 +22,7 @@ import {
   encodeControl,
 } from '../../src/devices/console/spec.js';
 import { VhostUserFrontend, type TestQueue } from '../../src/frontend/index.js';
+import { attach } from '../helpers/socket-client.js';
 import { eventfdRead } from '../../src/sys/index.js';
 import { loadDeviceState, saveDeviceState } from '../../src/vhost/device-state.js';
 import { VhostUserServer, type DeviceStateHooks, type Logger } from '../../src/vhost/index.js';
@@ -33,36 +34,6 @@ interface Control {
   extra: Buffer;
 }
 const triple = (m: Control): number[] => [m.id, m.event, m.value];
-
-/** A host-side client of a socket end that keeps everything it receives and notes when the end closes it. */
-async function attach(path: string) {
-  const socket = connect(path);
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', resolve);
-    socket.once('error', reject);
-  });
-  socket.on('error', () => {});
-  const chunks: Buffer[] = [];
-  let wake = () => {};
-  socket.on('data', (d: Buffer) => {
-    chunks.push(d);
-    wake();
-  });
-  let ended = false;
-  const closed = new Promise<void>((resolve) => socket.once('end', () => ((ended = true), resolve())));
-  const data = () => Buffer.concat(chunks);
-  const until = (n: number) =>
-    new Promise<Buffer>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`client got ${data().length} of ${n} bytes within 5 s`)), 5000);
-      wake = () => {
-        if (data().length < n) return;
-        clearTimeout(timer);
-        resolve(data());
-      };
-      wake();
-    });
-  return { socket, data, until, closed, ended: () => ended };
-}
 
 describe('console ports added and removed at run time', () => {
   let dir: string;

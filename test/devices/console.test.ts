@@ -1,7 +1,7 @@
 // virtio-console against our own frontend playing the Linux driver: the MULTIPORT control protocol, hostile control
 // messages, and flow control both ways with socket host ends.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -19,6 +19,7 @@ import {
   encodeControl,
 } from '../../src/devices/console/spec.js';
 import { VhostUserFrontend, type TestQueue } from '../../src/frontend/index.js';
+import { attach } from '../helpers/socket-client.js';
 import { eventfdRead } from '../../src/sys/index.js';
 import { VhostUserServer, type Logger } from '../../src/vhost/index.js';
 
@@ -27,33 +28,6 @@ interface Control {
   event: number;
   value: number;
   extra: Buffer;
-}
-
-/** A host-side client of a socket end that keeps everything it receives. */
-async function attach(path: string): Promise<{ socket: Socket; data: () => Buffer; until: (n: number) => Promise<Buffer> }> {
-  const socket = connect(path);
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', resolve);
-    socket.once('error', reject);
-  });
-  const chunks: Buffer[] = [];
-  let wake = () => {};
-  socket.on('data', (d: Buffer) => {
-    chunks.push(d);
-    wake();
-  });
-  const data = () => Buffer.concat(chunks);
-  const until = (n: number) =>
-    new Promise<Buffer>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`client got ${data().length} of ${n} bytes within 5 s`)), 5000);
-      wake = () => {
-        if (data().length < n) return;
-        clearTimeout(timer);
-        resolve(data());
-      };
-      wake();
-    });
-  return { socket, data, until };
 }
 
 describe('console device', () => {
