@@ -32,7 +32,8 @@ the main job:
 tools:
   setup      provision QEMU and build the test guest (cached; --full adds a Debian rootfs image)
   vm         boot the test guest with vhost-ts devices attached (--rng, --blk IMAGE, --script FILE, --shell)
-  ctl        talk to a running backend's control API: vhost-ts ctl PATH (list | stats | blk-resize SIZE) [--json]
+  ctl        talk to a running backend's control API: vhost-ts ctl PATH CALL [--json] (list, stats, blk-resize, net-link,
+             mac-table, console-resize, console-add-port, console-remove-port; vhost-ts ctl --help)
 
 common device options:
 ${backendUsage}
