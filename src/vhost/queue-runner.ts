@@ -73,7 +73,6 @@ interface RunningQueue {
   handler: QueueHandler;
   callFd: number;
   errFd: number;
-  enabled: boolean;
   usedLogAddr: number;
   /** The session's counters, and what of the queue's own totals they already hold. */
   stats: Float64Array | null;
@@ -126,7 +125,7 @@ export class QueueRunner {
   private pollNow = 0;
   private readonly pollOne = (until: number, index: number): void => {
     const rq = this.queues.get(index);
-    if (!rq || !rq.enabled || rq.queue.broken) {
+    if (!rq || rq.queue.disabled || rq.queue.broken) {
       this.polled.delete(index);
       return;
     }
@@ -176,10 +175,7 @@ export class QueueRunner {
         this.running(req.index, (rq) => (rq.errFd = req.fd));
         return 0;
       case 'enable':
-        this.running(req.index, (rq) => {
-          rq.enabled = req.enabled;
-          rq.queue.disabled = !req.enabled;
-        });
+        this.running(req.index, (rq) => (rq.queue.disabled = !req.enabled));
         if (req.enabled) this.kick(req.index);
         return 0;
       case 'reset':
@@ -217,7 +213,7 @@ export class QueueRunner {
   /** Serve a queue after a kick: process until the ring is empty and notifications are back on. */
   kick(index: number): void {
     const rq = this.queues.get(index);
-    if (!rq || !rq.enabled || rq.queue.broken) return;
+    if (!rq || rq.queue.disabled || rq.queue.broken) return;
     const q = rq.queue;
     try {
       for (;;) {
@@ -283,7 +279,7 @@ export class QueueRunner {
     const queue: RingQueue = c.packed
       ? new PackedQueue({ ...ring, driverAddr: c.availAddr, deviceAddr: c.usedAddr, base: c.base })
       : new SplitQueue({ ...ring, availAddr: c.availAddr, usedAddr: c.usedAddr, lastAvailIdx: c.base });
-    const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, enabled: c.enabled, usedLogAddr: c.usedLogAddr ?? -1,
+    const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, usedLogAddr: c.usedLogAddr ?? -1,
       stats: c.stats ? new Float64Array(c.stats) : null,
       counted: { done: 0, bytes: 0, suppressed: 0 },
     };

@@ -229,7 +229,16 @@ export class InlineHost implements RunnerHost {
 
   private constructor(exports: { createThreadHandler?: ThreadHandlerFactory; createQueueHandler?: QueueHandlerFactory }, opts: RunnerHostOptions) {
     const log = (message: string) => opts.log(`${opts.name}: ${message}`);
-    this.thread = threadHandlerOf(exports, { watch: watchReadable, log }, opts.name);
+    // As in a worker: a throw from the thread handler's own fd callback is logged, not fatal.
+    const watch = (fd: number, onReadable: () => void) =>
+      watchReadable(fd, () => {
+        try {
+          onReadable();
+        } catch (e) {
+          log((e as Error).message);
+        }
+      });
+    this.thread = threadHandlerOf(exports, { watch, log }, opts.name);
     this.runner = new QueueRunner(this.thread, opts.options, {
       watch: (fd, onReadable) => watchReadable(fd, onReadable),
       watchKick: (index, fd) => {

@@ -71,15 +71,7 @@ export class ChainFrame implements FrameSource {
   /** The sender's virtio-net header (offload instructions for a receiver), read on first use. */
   get header(): Uint8Array {
     if (!this.headerRead) {
-      const c = this.chain;
-      const h = this.headerBytes;
-      // The header's bytes, segment by segment (it may span several).
-      for (let s = 0, i = 0; i < NET_HDR_SIZE; s++) {
-        const buf = c.memory.buffers[c.segBuffer[s]];
-        const off = c.segOffset[s];
-        const len = c.segLength[s];
-        for (let k = 0; k < len && i < NET_HDR_SIZE; k++) h[i++] = buf[off + k];
-      }
+      this.chain.reader().read(this.headerBytes);
       this.headerRead = true;
     }
     return this.headerBytes;
@@ -225,10 +217,11 @@ export class RxQueue {
           const b = c.segBuffer[s];
           if (words !== null && total <= WORD_COPY_MAX && (((c.memory.byteOffsetOf(b) + off) | (frame.headBase + ho)) & 3) === 0) {
             copyWords(c.memory.words32(b), (c.memory.byteOffsetOf(b) + off) >>> 2, words, (frame.headBase + ho) >>> 2, total >>> 2);
-            for (let i = total & ~3; i < total; i++) buf[off + i] = hb[ho + i];
+            const tail = total & ~3;
+            copyBytes(buf, off + tail, hb, ho + tail, total - tail);
           } else copyBytes(buf, off, hb, ho, total);
         } else {
-          for (let i = 0; i < NET_HDR_SIZE; i++) buf[off + i] = hb[ho + i];
+          copyBytes(buf, off, hb, ho, NET_HDR_SIZE);
           frame.copyTo(buf, off + NET_HDR_SIZE, 0, frame.length);
         }
         buf[off + NET_HDR_NUM_BUFFERS] = 1;
@@ -281,7 +274,7 @@ export class RxQueue {
   private readonly scratchHeader = new Uint8Array(NET_HDR_SIZE);
 
   private headerCopy(hb: Uint8Array, ho: number): Uint8Array {
-    for (let i = 0; i < NET_HDR_SIZE; i++) this.scratchHeader[i] = hb[ho + i];
+    copyBytes(this.scratchHeader, 0, hb, ho, NET_HDR_SIZE);
     return this.scratchHeader;
   }
 

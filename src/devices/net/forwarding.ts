@@ -5,7 +5,7 @@
  */
 import type { ThreadContext } from '../../vhost/device.js';
 import { close, dup, read, write } from '../../sys/index.js';
-import { BytesFrame, type FrameSource } from './datapath.js';
+import { BytesFrame, copyBytes, type FrameSource } from './datapath.js';
 import { MacTable } from './mac-table.js';
 import { ETH_HEADER, MAX_FRAME, NET_HDR_SIZE } from './spec.js';
 import { AGEING_MS, UPLINK_PORT, type SwitchPortOptions } from './switch.js';
@@ -172,7 +172,7 @@ class TapUplink implements SwitchMember {
     const out = this.out;
     const hb = header ?? ZERO_HEADER;
     const ho = header === null ? 0 : headerOff;
-    for (let i = 0; i < NET_HDR_SIZE; i++) out[i] = hb[ho + i];
+    copyBytes(out, 0, hb, ho, NET_HDR_SIZE);
     frame.copyTo(out, NET_HDR_SIZE, 0, frame.length);
     try {
       return write(this.fd, out, NET_HDR_SIZE + frame.length) > 0;

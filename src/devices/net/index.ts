@@ -258,23 +258,15 @@ export function createThreadHandler(thread: ThreadContext): ThreadHandler<NetQue
     if (o.backend.kind !== 'switch') return openPort(o.backend, hooks);
     const sp = o.switchPort!;
     const f = forwarderOf(sp);
-    const port = new SwitchPort(f, sp.port, hooks);
-    return {
-      transmit: (frame) => port.transmit(frame),
-      flush: () => port.flush(),
-      rxReady: () => port.rxReady(),
-      announce: (frame) => port.announce(frame),
-      rxNeedsKicks: false,
-      close() {
-        port.close();
-        // The last port gone: the switch's thread lets go of the uplink until a port comes back.
-        if (f.size === 0) {
-          f.close();
-          forwarders.delete(sp.name);
-        }
-      },
-    };
+    return new SwitchPort(f, sp.port, hooks, () => {
+      // The last port gone: the switch's thread lets go of the uplink until a port comes back.
+      if (f.size > 0) return;
+      f.close();
+      forwarders.delete(sp.name);
+    });
   };
+  // forEach with one callback: this runs after every batch, and iterating a Map with for-of allocates.
+  const endOfBatch = (f: Forwarder) => f.endOfBatch();
 
   return {
     createQueueHandler(ctx) {
@@ -311,7 +303,7 @@ export function createThreadHandler(thread: ThreadContext): ThreadHandler<NetQue
       return (index & 1) === 0 ? receiveHandler(ctx, p, release) : transmitHandler(ctx, p, release);
     },
     endOfBatch() {
-      for (const f of forwarders.values()) f.endOfBatch();
+      forwarders.forEach(endOfBatch);
     },
   };
 }

@@ -12,6 +12,8 @@ export class SwitchPort implements PortBackend, SwitchMember {
     private readonly sw: Forwarder,
     private readonly port: number,
     private readonly hooks: PortHooks,
+    /** After the port left the switch. */
+    private readonly onClose: () => void = () => {},
   ) {
     this.mode = new Int32Array(hooks.rxMode, 0, 3);
     this.mac = new Uint8Array(hooks.rxMode, 12, 6);
@@ -55,6 +57,7 @@ export class SwitchPort implements PortBackend, SwitchMember {
 
   close(): void {
     this.sw.detach(this.port);
+    this.onClose();
   }
 
   /** The device's receive filter (CTRL_RX): our MAC, broadcast and multicast, or everything when promiscuous. */
