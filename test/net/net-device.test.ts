@@ -181,6 +181,24 @@ describe('net device', () => {
     expect(b.dev.stats().rxFrames).toBe(1);
   });
 
+  it('switch: a run longer than a burst arrives whole, and the frames before a chain that breaks the ring still go', async () => {
+    const macA = [0x52, 0x54, 0, 0xa, 0xa, 0xb];
+    const macB = [0x52, 0x54, 0, 0xb, 0xb, 0xc];
+    const a = await port({ backend: { kind: 'switch', name: 'burst-sw' }, mac: new Uint8Array(macA) });
+    const b = await port({ backend: { kind: 'switch', name: 'burst-sw' }, mac: new Uint8Array(macB) });
+    for (let i = 0; i < 100; i++) b.rx.add({ writable: [2048] });
+    b.rx.kick();
+    // 40 frames (a burst of 32 and 8 more), then a descriptor outside guest memory, all in one kick.
+    const frames = Array.from({ length: 40 }, (_, i) => ethFrame(macB, macA, 60 + i, i));
+    for (const f of frames) a.tx.add({ readable: [withHeader(f)] });
+    a.tx.driver.addRaw([[0x7f0000000000, 64, 0]]);
+    a.tx.kick();
+    await a.tx.waitForError();
+    const got = await b.rx.waitForUsed(40);
+    got.forEach((u, i) => expect(Buffer.compare(b.rx.written(u.chain!, u.len).subarray(NET_HDR_SIZE), frames[i])).toBe(0));
+    expect(a.dev.stats().txFrames).toBe(40);
+  });
+
   it('SEND_RARP: the next pass announces the guest on the switch with a RARP broadcast', async () => {
     const a = await port({ backend: { kind: 'switch', name: 'rarp-sw' }, mac: new Uint8Array([0x52, 0x54, 0, 1, 1, 1]) });
     const b = await port({ backend: { kind: 'switch', name: 'rarp-sw' }, mac: new Uint8Array([0x52, 0x54, 0, 2, 2, 2]) });

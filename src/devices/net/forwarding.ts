@@ -106,12 +106,18 @@ export class Forwarder {
     }
   }
 
-  /** End of the thread's batch: every receiver published once; the clock and the uplink looked at. */
-  endOfBatch(): void {
+  /** Make what was delivered so far visible to its receivers: each published (and notified) once. */
+  flush(): void {
     const d = this.dirty;
+    if (d.length === 0) return;
     for (let i = 0; i < d.length; i++) d[i].publish();
     d.length = 0;
     this.isDirty.fill(false);
+  }
+
+  /** End of the thread's batch: the receivers published; the clock and the uplink looked at. */
+  endOfBatch(): void {
+    this.flush();
     this.now = Date.now();
     if (Atomics.load(this.ctl, 1) !== this.uplinkGeneration) this.checkUplink();
   }

@@ -27,6 +27,8 @@ export interface PortHooks {
 }
 
 export interface PortBackend {
+  /** False: transmit() never reads the frame's bytes (a sink), so they need not be brought into cache. Default true. */
+  readonly readsFrames?: boolean;
   /** False: the receive queue needs no kicks (frames are delivered as they arrive, or dropped). Default true. */
   readonly rxNeedsKicks?: boolean;
   /** A frame the guest sent; false when it was dropped. The frame's bytes are only valid during the call. */
@@ -62,10 +64,14 @@ class SinkPort implements PortBackend {
   private first: Uint8Array | null = null;
   private readonly scratch = new Uint8Array(65536 + 18);
 
+  readonly readsFrames: boolean;
+
   constructor(
     private readonly hooks: PortHooks,
     private readonly verify: boolean,
-  ) {}
+  ) {
+    this.readsFrames = verify;
+  }
 
   transmit(frame: ChainFrame): boolean {
     if (!this.verify) return true;
@@ -112,6 +118,7 @@ class SourcePort implements PortBackend {
     this.frame = new BytesFrame().set(this.packet, size, NET_HDR_SIZE);
   }
 
+  readonly readsFrames = false;
   transmit(): boolean {
     return true;
   }

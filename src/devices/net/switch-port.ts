@@ -25,8 +25,10 @@ export class SwitchPort implements PortBackend, SwitchMember {
     return true;
   }
 
-  // The thread's end of batch publishes the receivers: one notification per receiver per batch.
-  flush(): void {}
+  // Receivers are published per burst of the sender, not per frame: one notification per receiver per burst.
+  flush(): void {
+    this.sw.flush();
+  }
 
   rxReady(): void {
     // Nothing waits here: frames for a port without buffers were dropped when they arrived.
