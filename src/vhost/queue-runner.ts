@@ -367,20 +367,25 @@ export class QueueRunner {
 
   private publish(rq: RunningQueue): void {
     const q = rq.queue;
-    const notify = q.publish() && rq.callFd >= 0;
-    if (notify) eventfdWrite(rq.callFd, 1);
     const st = rq.stats;
-    if (st === null) return;
-    // Deltas of the queue's own totals: the runner thread is the only writer, the control API reads.
     const c = rq.counted;
-    const done = q.popped - q.inFlight;
-    st[QueueStat.chains] += done - c.done;
-    st[QueueStat.bytes] += q.bytesWritten - c.bytes;
-    st[QueueStat.suppressed] += q.suppressed - c.suppressed;
-    if (notify) st[QueueStat.notifications]++;
-    c.done = done;
-    c.bytes = q.bytesWritten;
-    c.suppressed = q.suppressed;
+    // Deltas of the queue's own totals: the runner thread is the only writer, the control API reads. Counted
+    // before the used index moves, so whoever has seen a chain used also sees it counted (a frontend that reads
+    // the stats right after its used entry came found it missing when this thread was preempted in between).
+    if (st !== null) {
+      const done = q.popped - q.inFlight;
+      st[QueueStat.chains] += done - c.done;
+      st[QueueStat.bytes] += q.bytesWritten - c.bytes;
+      c.done = done;
+      c.bytes = q.bytesWritten;
+    }
+    const notify = q.publish() && rq.callFd >= 0;
+    if (st !== null) {
+      st[QueueStat.suppressed] += q.suppressed - c.suppressed;
+      c.suppressed = q.suppressed;
+      if (notify) st[QueueStat.notifications]++;
+    }
+    if (notify) eventfdWrite(rq.callFd, 1);
   }
 
   private fail(rq: RunningQueue, e: unknown): void {
