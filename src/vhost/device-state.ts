@@ -13,6 +13,8 @@ export interface RingPosition {
   index: number;
   vringBase: number;
   packed: boolean;
+  /** Chains the frontend's inflight region records as not yet completed (0 without a region). */
+  inflight: number;
 }
 
 const asObject = { longs: Number, bytes: Uint8Array, oneofs: true, defaults: true } as const;

@@ -125,7 +125,10 @@ export enum ProtocolFeature {
   XEN_MMAP = 17,
   SHARED_OBJECT = 18,
   DEVICE_STATE = 19,
-  SHMEM = 20, // QEMU 11.1: GET_SHMEM_CONFIG, BACKEND SHMEM_MAP/UNMAP
+  /** QEMU 11: GET_VRING_BASE may leave requests in the inflight region instead of completing them (needs INFLIGHT_SHMFD). */
+  GET_VRING_BASE_INFLIGHT = 20,
+  GPA_ADDRESSES = 21, // QEMU 11.1
+  SHMEM = 22, // QEMU 11.1: GET_SHMEM_CONFIG, BACKEND SHMEM_MAP/UNMAP (the spec's table calls it SHMEM_MAP)
 }
 
 export type FrontendRequestName = keyof typeof FrontendRequest;

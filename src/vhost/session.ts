@@ -11,7 +11,7 @@
  */
 import { closeSync, fstatSync, read, write } from 'node:fs';
 import { loadDeviceState, saveDeviceState } from './device-state.js';
-import { close, eventfdWrite, isEventfd, memfdCreate, mmapShared, munmap, sendMessage } from '../sys/index.js';
+import { close, eventfdWrite, isEventfd, memfdCreate, mmapShared, munmap, sendMessage, viewOf } from '../sys/index.js';
 import { bit, FRAMEWORK_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, type VhostUserDevice } from './device.js';
 import { decodeFrontendMessage, encodeBackendMessage, encodeReply, type FrontendMessage, type FrontendMessageOf, type MemoryRegion, type MemoryRegionDesc, type ReplyPayload } from './codec.js';
 import type { Connection, RawMessage } from './connection.js';
@@ -20,7 +20,8 @@ import { FrontendRequest, ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCO
 import { QUEUE_STATS, type QueueStartConfig } from './queue-runner.js';
 import type { RunnerHost } from './runner-host.js';
 import { RunnerPool } from './runner-pool.js';
-import { MAX_QUEUE_SIZE, packedInflightSize, splitInflightSize } from '../virtqueue/index.js';
+import { faultInjected } from './faults.js';
+import { MAX_QUEUE_SIZE, packedInflightCount, packedInflightSize, splitInflightCount, splitInflightSize } from '../virtqueue/index.js';
 
 export interface Logger {
   info(message: string): void;
@@ -107,6 +108,7 @@ export class BackendSession {
   /** A DEVICE_STATE transfer under way: the save written out, or the load's bytes read in. */
   private stateTransfer: Promise<{ direction: 'save' | 'load'; bytes: Uint8Array }> | null = null;
   private logFd = -1;
+  private readonly dropDirtyLog = faultInjected('no-dirty-log');
   private closed = false;
   private readonly handlers: HandlerTable;
 
@@ -275,7 +277,7 @@ export class BackendSession {
         this.features = m.features;
         this.device.featuresNegotiated?.(m.features);
         // Migration turns logging on (and off again when it fails or is cancelled) while the queues run.
-        if (logAll !== wasLogging) return this.toHosts({ op: 'logging', enabled: logAll });
+        if (logAll !== wasLogging) return this.toHosts({ op: 'logging', enabled: this.logging(logAll) });
       },
       GET_PROTOCOL_FEATURES: () => ({ kind: 'features', features: this.offeredProtocolFeatures }),
       SET_PROTOCOL_FEATURES: (m) => {
@@ -385,6 +387,7 @@ export class BackendSession {
       SEND_RARP: (m) => {
         if (!this.device.sendRarp || !this.has(ProtocolFeature.RARP)) throw new RequestFailed('SEND_RARP without the RARP protocol feature');
         this.device.sendRarp(m.mac);
+        this.log.info(`SEND_RARP: the guest (${[...m.mac].map((b) => b.toString(16).padStart(2, '0')).join(':')}) is announced on its next pass`);
       },
     };
   }
@@ -442,7 +445,7 @@ export class BackendSession {
     }
     const fd = m.fd;
     if (m.direction === 0) {
-      const positions = this.queues.map((q, index) => ({ index, vringBase: q.base, packed: this.packed }));
+      const positions = this.queues.map((q, index) => ({ index, vringBase: q.base, packed: this.packed, inflight: this.inflightCount(index) }));
       const bytes = saveDeviceState(device as VhostUserDevice & { state: NonNullable<VhostUserDevice['state']> }, positions);
       this.stateTransfer = writeAll(fd, bytes).then(() => ({ direction: 'save' as const, bytes }));
     } else {
@@ -517,6 +520,14 @@ export class BackendSession {
   private unmapInflight(): void {
     if (this.inflight) munmap(this.inflight.mapAddress, this.inflight.mapLength);
     this.inflight = null;
+  }
+
+  /** Chains the inflight region records for this queue (0 without a region): the device state's summary. */
+  private inflightCount(index: number): number {
+    const r = this.inflightFor(index, 0);
+    if (!r) return 0;
+    const region = new Uint8Array(viewOf(r.address, r.length));
+    return this.packed ? packedInflightCount(region, r.descNum) : splitInflightCount(region, r.descNum);
   }
 
   /** This queue's part of the inflight region, when the frontend gave one that covers it. */
@@ -663,6 +674,12 @@ export class BackendSession {
     return (await this.host(index)).request(req);
   }
 
+  /** Whether the queue threads mark the dirty log when the frontend asks for logging (a test may break it: faults.ts). */
+  private logging(asked: boolean): boolean {
+    if (asked && this.dropDirtyLog) this.log.warn('fault injected (VHOST_TS_FAULTS=no-dirty-log): the dirty log is left unmarked');
+    return asked && !this.dropDirtyLog;
+  }
+
   /** The runner host of a queue's group, from the pool, given the current memory table on first use. */
   private host(index: number): Promise<RunnerHost> {
     const group = this.groupOf[index];
@@ -671,7 +688,7 @@ export class BackendSession {
       host = this.pool.host(group).then(async (h) => {
         if (this.regions.length > 0) await h.request({ op: 'memory', regions: this.regions });
         if (this.dirtyLog) await h.request({ op: 'log', address: this.dirtyLog.address, length: this.dirtyLog.length });
-        if ((this.features & bit(VHOST_F_LOG_ALL)) !== 0n) await h.request({ op: 'logging', enabled: true });
+        if ((this.features & bit(VHOST_F_LOG_ALL)) !== 0n) await h.request({ op: 'logging', enabled: this.logging(true) });
         return h;
       });
       this.hosts.set(group, host);

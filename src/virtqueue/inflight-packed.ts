@@ -21,12 +21,18 @@
  * everything read is checked and the free list is rebuilt from what is really in flight).
  */
 import { VirtqueueError } from './errors.js';
+import { countFlagged } from './inflight-split.js';
 
 const HEADER = 32;
 const ENTRY = 32;
 const VERSION = 1;
 const F_AVAIL = 1 << 7;
 const F_USED = 1 << 15;
+
+/** Chains a packed ring's region records as in flight (head entries whose inflight flag is set): for diagnostics. */
+export function packedInflightCount(region: Uint8Array, descNum: number): number {
+  return countFlagged(region, descNum, HEADER, ENTRY);
+}
 
 /** Bytes of one queue's region, 64-byte aligned. */
 export function packedInflightSize(queueSize: number): number {

@@ -25,6 +25,18 @@ export function splitInflightSize(queueSize: number): number {
   return Math.ceil((HEADER + ENTRY * queueSize) / 64) * 64;
 }
 
+/** Chains a split ring's region records as in flight (heads whose inflight flag is set): for diagnostics. */
+export function splitInflightCount(region: Uint8Array, descNum: number): number {
+  return countFlagged(region, descNum, HEADER, ENTRY);
+}
+
+/** Entries whose first byte (the inflight flag of both layouts) is set, within the region's bounds. */
+export function countFlagged(region: Uint8Array, descNum: number, header: number, entry: number): number {
+  let n = 0;
+  for (let i = 0, at = header; i < descNum && at < region.byteLength; i++, at += entry) if (region[at] !== 0) n++;
+  return n;
+}
+
 export class SplitInflight {
   private readonly u8: Uint8Array;
   private readonly u16: Uint16Array;

@@ -77,8 +77,8 @@ n=0; until ping -c 1 -W 1 ${ips[1 - i]} > /dev/null 2>&1; do n=$((n+1)); [ $n -g
           0,
           `${up(0)}
 echo PINGING
-# The host kills and restarts the switch meanwhile.
-ping -i 0.2 -W 1 -w 30 ${ips[1]} | while read -r line; do echo "PING $line"; done
+# The host kills and restarts the switch meanwhile (60 s: two restarts of a tsx-started switch under load fit).
+ping -i 0.2 -W 1 -w 60 ${ips[1]} | while read -r line; do echo "PING $line"; done
 echo "RESULT ping done"
 `,
           (line) => {
@@ -90,7 +90,7 @@ echo "RESULT ping done"
         ),
         guest(1, `${up(1)}
 # Answer pings while A pings.
-sleep 40
+sleep 70
 `),
       ]);
       await killer;

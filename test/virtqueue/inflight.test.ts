@@ -14,8 +14,10 @@ import {
   SplitQueue,
   SplitQueueDriver,
   VirtqueueError,
+  packedInflightCount,
   packedInflightSize,
   packedRingLayout,
+  splitInflightCount,
   splitInflightSize,
   splitRingLayout,
   type DescriptorChain,
@@ -122,6 +124,21 @@ describe.each<Layout>(['split', 'packed'])('inflight tracking, %s ring', (layout
     q2.publish();
     expect(r.reap().sort()).toEqual([tags[0], tags[2], tags[4], ...later].sort());
     expect(r.driver.pending).toBe(0);
+  });
+
+  it('counts the chains the region records in flight (the device state\'s summary): popped, less published', () => {
+    const r = rig(layout);
+    const count = () => (layout === 'split' ? splitInflightCount : packedInflightCount)(r.region, r.size);
+    expect(count()).toBe(0);
+    r.post(5);
+    const q = r.start();
+    const popped = popAll(q);
+    expect(count()).toBe(5);
+    q.push(popped[3], 8);
+    q.push(popped[0], 8);
+    expect(count(), 'pushed, not yet published: still the device\'s').toBe(5);
+    q.publish();
+    expect(count()).toBe(3);
   });
 
   it('chains pushed but not published when the backend died run again (the driver never saw them)', () => {

@@ -5,6 +5,7 @@
  */
 import { closeSync, constants, openSync } from 'node:fs';
 import { fileSize } from '../../sys/index.js';
+import { faultInjected } from '../../vhost/faults.js';
 import { SECTOR_SIZE } from './spec.js';
 
 export interface DiskOptions {
@@ -18,8 +19,11 @@ export class DiskFile {
   /** Buffered fd for unaligned requests when the main fd is O_DIRECT; else the same fd. */
   readonly bufferedFd: number;
   readonly sizeBytes: number;
+  /** Whether FLUSH syncs the image: not when read-only, nor under the test fault that proves the durability test. */
+  readonly syncsOnFlush: boolean;
 
   constructor(readonly opts: DiskOptions) {
+    this.syncsOnFlush = !opts.readonly && !faultInjected('skip-flush');
     const mode = opts.readonly ? constants.O_RDONLY : constants.O_RDWR;
     this.fd = openSync(opts.path, mode | (opts.direct ? constants.O_DIRECT : 0));
     try {

@@ -66,7 +66,7 @@ class UringEngine implements BlockEngine {
         ring.prepWritev(fd, req.iov.address, req.iovCount, offset, id);
         return;
       case VIRTIO_BLK_T_FLUSH:
-        if (this.disk.opts.readonly) return this.finish(id, req);
+        if (!this.disk.syncsOnFlush) return this.finish(id, req);
         req.pending = 1;
         ring.prepFsync(this.disk.fd, true, id);
         return;

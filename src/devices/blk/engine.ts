@@ -83,7 +83,7 @@ export class SyncEngine implements BlockEngine {
         else if (this.hooks.writeThrough()) fdatasync(fd);
         return;
       case VIRTIO_BLK_T_FLUSH:
-        if (!this.disk.opts.readonly) fdatasync(fd);
+        if (this.disk.syncsOnFlush) fdatasync(fd);
         return;
       default:
         for (let i = 0; i < req.rangeCount; i++) {
