@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --quick] [--only virtqueue,blk,net,net-packed]: every benchmark, one after the other, each comparing
+ * npm run bench [-- --quick] [--only virtqueue,blk,net,net-polled,net-packed,net-switch]: every benchmark, one after the other, each comparing
  * vhost-ts with its reference in the same run. Writes bench/results/<date>.json (every figure, the machine it
  * came from) and bench/results/<date>.svg plus bench/results/latest.svg (the README's chart): one bar pair per
  * case, the reference at 1.0 and vhost-ts at its ratio, labelled. The chart is drawn by Vega-Lite.
@@ -34,15 +34,21 @@ const REFERENCES: Record<string, string> = {
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const { values } = parseArgs({ options: { quick: { type: 'boolean' }, only: { type: 'string' } }, strict: true });
-const benches = (values.only ?? 'virtqueue,blk,net,net-packed').split(',');
+const benches = (values.only ?? 'virtqueue,blk,net,net-polled,net-packed,net-switch').split(',');
 // A run is a benchmark program and its options: net-packed is bench:net on packed rings (libblkio, blk's
-// frontend, does not negotiate them, so blk has no packed run without a VM).
+// frontend, does not negotiate them, so blk has no packed run without a VM); net-polled is the sink and source
+// busy-polling (DPDK always polls); net-switch the two-port io-forward loop through the switch.
 const RUNS: Record<string, { file: string; args: string[] }> = {
   virtqueue: { file: 'virtqueue', args: [] },
   blk: { file: 'blk', args: [] },
   net: { file: 'net', args: [] },
+  'net-polled': { file: 'net', args: ['--poll-us', '200', '--frame-sizes', '64'] },
   'net-packed': { file: 'net', args: ['--packed'] },
+  'net-switch': { file: 'net', args: ['--cases', 'switch', '--frame-sizes', '64'] },
 };
+
+/** What a case is compared with: the case names it ("PackedQueue vs SplitQueue, ..."), or its benchmark's reference. */
+const referenceOf = (bench: string, name: string): string => / vs ([^,]+)/.exec(name)?.[1] ?? REFERENCES[bench] ?? 'reference';
 
 function runBench(name: string): Promise<BenchOutput> {
   const run = RUNS[name];
@@ -78,7 +84,7 @@ const rows = outputs.flatMap((o) =>
   o.results
     .filter((r) => r.ratio !== undefined)
     .flatMap((r) => [
-      { bench: o.bench, case: r.name, who: REFERENCES[o.bench] ?? 'reference', ratio: 1, label: '' },
+      { bench: o.bench, case: r.name, who: referenceOf(o.bench, r.name), ratio: 1, label: '' },
       { bench: o.bench, case: r.name, who: 'vhost-ts', ratio: r.ratio!, label: `${r.ratio!.toFixed(2)}×` },
     ]),
 );

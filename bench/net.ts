@@ -640,7 +640,8 @@ async function main(): Promise<void> {
     frameSizes.map((frameSize) => ({
       direction,
       frameSize,
-      name: `${direction === 'switch' ? 'switch loop' : direction} ${frameSize} B${packed ? ', packed ring' : ''}`,
+      // The switch case names its polled side itself; the others say when the candidate polls.
+      name: `${direction === 'switch' ? 'switch loop' : direction} ${frameSize} B${packed ? ', packed ring' : ''}${direction !== 'switch' && pollUs > 0 ? `, --poll-us ${pollUs}` : ''}`,
     })),
   );
   const measured: Measured[] = [];

@@ -49,7 +49,7 @@ const HOST_IP = '10.0.77.1';
 const GUEST_IP = '10.0.77.2';
 const PREFIX = 24;
 const GUEST_MAC = '52:54:00:76:74:02';
-/** From QEMU's start to the login prompt, and then to the commands' end: TCG boots a full Debian in about 30 s. */
+/** From QEMU's start to the login prompt, and then to the commands' end: TCG reaches the hvc0 login in about 16 s here. */
 const BOOT_TIMEOUT_MS = 10 * 60_000;
 const EXEC_TIMEOUT_MS = 10 * 60_000;
 const SHUTDOWN_MS = 60_000;

@@ -103,7 +103,7 @@ export function loadSetup(cacheDir?: string): HarnessSetup | undefined {
 
 function usage(): string {
   return `usage: vhost-ts setup [--full] [--rebuild] [--cache DIR]   (or: npm run setup -- ...)
-  --full     also build the Debian bookworm rootfs image (systemd, getty on ttyS0, fio, iperf3, iproute2)
+  --full     also build the Debian bookworm rootfs image (systemd, gettys on hvc0 and ttyS0, fio, iperf3, iproute2)
   --rebuild  rebuild every artefact even when cached
   --cache    cache directory (default $VHOST_TS_CACHE or ~/.cache/vhost-ts)`;
 }
