@@ -6,7 +6,7 @@
  * What it starts: QEMU (KVM where it can boot a stock kernel, else TCG); virtio-blk serving a fresh sparse copy of
  * the cached Debian image (so the cache stays pristine; the copy is deleted at the end); virtio-net on the built-in
  * switch with a host tap as its uplink, 10.0.77.1 on the host and 10.0.77.2 in the guest; virtio-console port 0
- * (the guest's getty on hvc0). On every way out (detach, the guest powering off, Ctrl-C, SIGTERM) the guest is
+ * (the guest's getty on hvc0). On every way out (detach, the guest powering off, SIGINT, SIGTERM, SIGHUP) the guest is
  * shut down and every process, socket, tap and file it made is gone; only the cache stays.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -57,6 +57,8 @@ const SHUTDOWN_MS = 60_000;
 type NetChoice = { kind: 'none' } | { kind: 'switch' } | { kind: 'tap'; name: string };
 
 export async function demoMain(argv: string[]): Promise<number> {
+  // A terminal that hung up (SIGHUP) fails every later write with EIO; the clean-up still has to run to its end.
+  for (const out of [process.stdout, process.stderr]) out.on('error', () => {});
   const { values } = parseArgs({
     args: argv,
     strict: true,
@@ -166,7 +168,10 @@ export async function demoMain(argv: string[]): Promise<number> {
     const qemuExit = new Promise<number | null>((resolve) => qemu!.once('exit', (code) => resolve(code)));
 
     const stopSignal = new Promise<string>((resolve) => {
-      for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => resolve(sig));
+      // SIGHUP: the terminal went away (its window closed, the ssh session dropped); clean up as for the others.
+      // on, not once: a hang-up comes twice (the shell passes it on, the kernel sends its own), and a signal with
+      // no listener left kills the process in the middle of its clean-up.
+      for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => resolve(sig));
     });
 
     if (exec !== undefined) {
@@ -204,11 +209,21 @@ export async function demoMain(argv: string[]): Promise<number> {
     if (logs.length > 0) say(`backend log:\n  ${logs.slice(-20).join('\n  ')}`);
     throw e;
   } finally {
-    if (qemu) await shutdown(qemu, join(dir, 'qmp.sock'), () => {}, true);
-    consoleDev?.close();
-    for (const s of servers) await s.close();
-    uplink?.close(); // the uplink tap goes with its fd
-    rmSync(dir, { recursive: true, force: true });
+    // Every step, whatever the one before it threw: a failed step must not leave a process, tap or file behind.
+    const steps: [string, () => unknown][] = [
+      ['stop QEMU', () => qemu && shutdown(qemu, join(dir, 'qmp.sock'), () => {}, true)],
+      ['close the console', () => consoleDev?.close()],
+      ...servers.map((s): [string, () => unknown] => [`close ${s.endpoint}`, () => s.close()]),
+      ['remove the uplink tap', () => uplink?.close()], // the tap goes with its fd
+      [`remove ${dir}`, () => rmSync(dir, { recursive: true, force: true })],
+    ];
+    for (const [what, step] of steps) {
+      try {
+        await step();
+      } catch (e) {
+        say(`could not ${what}: ${(e as Error).message}`);
+      }
+    }
   }
 }
 

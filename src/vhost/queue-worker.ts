@@ -32,6 +32,12 @@ const CONTROL = 0xffffffff;
 const WATCH_BASE = 0x80000000;
 // While polling, how often the thread still looks at its fds (control requests, kicks of queues not polled).
 const POLL_EPOLL_MS = 0.05;
+/**
+ * An idle thread still wakes this often. Node stops a worker (when the process exits without closing its servers:
+ * an uncaught exception, process.exit) only once it runs JavaScript again; a wait without a bound kept a dead
+ * process alive for good, its QEMU and tap with it.
+ */
+const IDLE_WAKE_MS = 500;
 
 const init = workerData as WorkerInit;
 const port = init.port;
@@ -110,7 +116,7 @@ let polling = false;
 let lastEpoll = 0;
 while (running) {
   let n = 0;
-  if (!polling) n = epoll.wait(-1);
+  if (!polling) n = epoll.wait(IDLE_WAKE_MS);
   else {
     const now = performance.now();
     if (now - lastEpoll >= POLL_EPOLL_MS) {

@@ -14,7 +14,7 @@ const noNetns = await netnsUnavailable();
 if (noNetns !== null) console.warn(`SKIPPED: demo test: ${noNetns}`);
 const demoDirs = () => readdirSync(tmpdir()).filter((n) => n.startsWith('vhost-ts-demo-'));
 
-describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1' || noNetns !== null)('vhost-ts demo --exec (full Debian, TCG, own netns)', () => {
+describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1' || noNetns !== null)('vhost-ts demo (full Debian, TCG, own netns)', () => {
   let ns: Netns;
   beforeAll(async () => {
     // The full image is built once (about two minutes), then cached.
@@ -64,4 +64,45 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1' || noNetns !== null)('vhost
     const qemus = await run(['pgrep', '-f', 'vhost-ts-demo-']);
     expect(qemus.stdout.trim()).toBe('');
   }, 15 * 60_000);
+
+  // Interactive: the console is this process's stdio (a pipe here, so not in raw mode). Both ways out a person
+  // takes: the detach key typed on the console, and SIGTERM from outside. Each shuts the guest down and removes
+  // everything the demo made.
+  for (const way of ['detach', 'SIGTERM'] as const) {
+    it(`interactive: the login prompt on stdout; ${way === 'detach' ? 'Ctrl-] typed' : 'SIGTERM'} ends it, nothing left behind`, async () => {
+      const before = demoDirs();
+      const child = spawn('ip', ['netns', 'exec', ns.name, process.execPath, bin, 'demo', '--accel', 'tcg'], { stdio: ['pipe', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (d) => (stdout += d));
+      child.stderr.on('data', (d) => (stderr += d));
+      const exited = new Promise<number | null>((resolve) => child.once('exit', (c) => resolve(c)));
+      const killer = setTimeout(() => child.kill('SIGKILL'), 12 * 60_000);
+      try {
+        const prompt = await Promise.race([
+          new Promise<boolean>((resolve) => {
+            const look = () => stdout.includes('login:') && resolve(true);
+            child.stdout.on('data', look);
+            look();
+          }),
+          exited.then(() => false),
+        ]);
+        expect(prompt, `no login prompt:\n${stdout.slice(-2000)}\n${stderr.slice(-2000)}`).toBe(true);
+        if (way === 'detach') child.stdin.write('\x1d');
+        else child.kill('SIGTERM');
+        const code = await exited;
+        const context = `stdout:\n${stdout.slice(-2000)}\nstderr:\n${stderr.slice(-4000)}`;
+        expect(code, context).toBe(0);
+        expect(stderr, context).toContain(way === 'detach' ? 'detached (Ctrl-]); shutting down' : 'SIGTERM; shutting down');
+        expect(stderr, context).not.toContain('could not');
+      } finally {
+        clearTimeout(killer);
+        child.kill('SIGKILL');
+      }
+      const links = await ns.exec(['ip', '-o', 'link']);
+      expect(links.stdout.trim().split('\n').map((l) => l.split(':')[1].trim())).toEqual(['lo']);
+      expect(demoDirs()).toEqual(before);
+      expect((await run(['pgrep', '-f', 'vhost-ts-demo-'])).stdout.trim()).toBe('');
+    }, 15 * 60_000);
+  }
 });

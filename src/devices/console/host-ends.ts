@@ -423,7 +423,13 @@ class StdioEnd implements HostEnd {
     process.stdin.off('data', this.onData);
     process.stdout.off('resize', this.onResize);
     process.stdout.off('drain', this.onDrain);
-    if (this.raw) process.stdin.setRawMode(false);
+    // A terminal that is gone, or no longer ours (EIO: our process group lost it), needs no restoring, and closing
+    // must not throw: the program is on its way out and has more to clean up.
+    try {
+      if (this.raw) process.stdin.setRawMode(false);
+    } catch {
+      // nothing to restore
+    }
     process.stdin.pause();
   }
 }
