@@ -55,6 +55,7 @@ describe.skipIf(process.env.VHOST_TS_SKIP_VM === '1')('blk backend killed under 
         // Until the new backend has served requests (QEMU reconnected and started its queues), then a little more.
         const deadline = Date.now() + 60_000;
         while (!/queue \d started/.test(current().log()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+        if (!guestDone && !/queue \d started/.test(current().log())) throw new Error(`backend ${backends.length - 1}: QEMU started no queue on it within 60 s`);
         await new Promise((r) => setTimeout(r, 1000));
         if (guestDone) break;
         await current().kill();
