@@ -218,6 +218,43 @@ describe('net device', () => {
     expect(findSwitch('rarp-sw')!.macCount()).toBe(1);
   });
 
+  it('switch: the addresses learned on a port go with its device state, also once the port left the switch; the port that loads it announces them and the switch learns them there', async () => {
+    const macA = [0x52, 0x54, 0, 0xd, 0xd, 0x1];
+    const behindA = [0x52, 0x54, 0, 0xd, 0xd, 0x99]; // a second address on A's port (a bridge in the guest)
+    const a = await port({ backend: { kind: 'switch', name: 'state-sw' }, mac: new Uint8Array(macA) });
+    const b = await port({ backend: { kind: 'switch', name: 'state-sw' }, mac: new Uint8Array([0x52, 0x54, 0, 0xd, 0xd, 0x2]) });
+    for (let i = 0; i < 8; i++) b.rx.add({ writable: [2048] });
+    b.rx.kick();
+    const bcast = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+    for (const src of [macA, behindA]) a.tx.add({ readable: [withHeader(ethFrame(bcast, src, 60, 0x44))] });
+    a.tx.kick();
+    await b.rx.waitForUsed(2);
+    const sw = findSwitch('state-sw')!;
+    const portOf = (d: NetDevice) => (d.dataPlane.options as { switchPort: { port: number } }).switchPort.port;
+    const on = (p: number) => sw.learnedOn(p).sort();
+    const hex = (m: number[] | Uint8Array) => [...m].map((x) => x.toString(16).padStart(2, '0')).join(':');
+    expect(on(portOf(a.dev))).toEqual([hex(macA), hex(behindA)].sort());
+    const learned = (d: NetDevice) => ((d.state!.save() as { learned: Uint8Array[] }).learned.map(hex)).sort();
+    expect(learned(a.dev)).toEqual([hex(macA), hex(behindA)].sort());
+    // The frontend goes (QEMU stops the source's queues before it asks for the state): the switch forgets the
+    // port's addresses, the state still has them.
+    a.fe.close();
+    for (const until = Date.now() + 10_000; on(portOf(a.dev)).length > 0 && Date.now() < until; ) await new Promise((r) => setTimeout(r, 5));
+    expect(on(portOf(a.dev))).toEqual([]);
+    const saved = a.dev.state!.save();
+    expect(learned(a.dev)).toEqual([hex(macA), hex(behindA)].sort());
+    // The destination's port loads it; its first pass announces both, and the switch learns them on it.
+    const c = await port({ backend: { kind: 'switch', name: 'state-sw' }, mac: new Uint8Array([0x52, 0x54, 0, 0xd, 0xd, 0x3]) });
+    c.dev.state!.load(saved);
+    c.rx.add({ writable: [2048] });
+    c.rx.kick();
+    const got = await b.rx.waitForUsed(2);
+    const sources = got.map((u) => hex(b.rx.written(u.chain!, u.len).subarray(NET_HDR_SIZE + 6, NET_HDR_SIZE + 12))).sort();
+    expect(sources).toEqual([hex(macA), hex(behindA)].sort());
+    expect(on(portOf(c.dev))).toEqual([hex(macA), hex(behindA)].sort());
+    expect(() => c.dev.state!.load({ ...(saved as object), learned: [new Uint8Array(5)] })).toThrow(/learned addresses/);
+  });
+
   it('multiqueue: every queue pair transmits and receives, each in its own worker', async () => {
     const { dev, queues } = await port({ backend: { kind: 'source', frameSize: 64 }, queuePairs: 3 });
     expect(dev.numQueues).toBe(7);

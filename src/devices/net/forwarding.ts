@@ -56,6 +56,11 @@ export class Forwarder {
     this.attached.push(port);
   }
 
+  /** The addresses learned on `port`, into `out` (6 bytes each, at most `max`): how many. */
+  learnedOn(port: number, out: Uint8Array, max: number): number {
+    return this.table.copyPort(port, out, max);
+  }
+
   detach(port: number): void {
     const m = this.members[port];
     if (!m) return;

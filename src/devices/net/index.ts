@@ -30,12 +30,13 @@ import { Forwarder } from './forwarding.js';
 import { applyActivePairs, initTapQueues, tapQueuesBytes } from './tap-queues.js';
 import { openPort, rarpFrame, type PortBackend, type PortHooks } from './ports.js';
 import { joinSwitch, type MacEntry, type SwitchPortOptions } from './switch.js';
-import { SwitchPort } from './switch-port.js';
+import { KEPT_AT, MAX_CARRIED, RESTORED_AT, RX_MODE_BYTES, SwitchPort } from './switch-port.js';
 import {
   CONFIG_SIZE,
   encodeConfig,
   NET_HDR_SIZE,
   formatMac,
+  parseMac,
   randomMac,
   VIRTIO_ID_NET,
   VIRTIO_NET_F_CSUM,
@@ -96,8 +97,9 @@ export interface NetQueueOptions {
   queuePairs: number;
   stats: SharedArrayBuffer;
   /**
-   * Int32 [0] promisc, [1] allmulti, [2] active pairs, [5] RARP announcement pending (a bit per pair);
-   * bytes 12..17 the current MAC (the control queue updates it).
+   * Int32 [0] promisc, [1] allmulti, [2] active pairs, [5] RARP announcement pending (a bit per pair),
+   * [6] and [7] a switch port's learned addresses (switch-port.ts); bytes 12..17 the current MAC (the control
+   * queue updates it).
    */
   rxMode: SharedArrayBuffer;
   /** A multi-queue tap's queues, attached or not (tap-queues.ts). */
@@ -126,11 +128,19 @@ export function netDevice(opts: NetOptions): NetDevice {
   const mtu = opts.mtu ?? 1500;
   if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65535) throw new RangeError(`MTU ${mtu}: 68 to 65535`);
   const stats = new SharedArrayBuffer(8 * NET_STATS * pairs);
-  const rxMode = new SharedArrayBuffer(24);
+  const rxMode = new SharedArrayBuffer(RX_MODE_BYTES);
   const tapQueues = new SharedArrayBuffer(tapQueuesBytes(pairs));
   initTapQueues(tapQueues);
-  const mode = new Int32Array(rxMode, 0, 6);
+  const mode = new Int32Array(rxMode, 0, 8);
   const macBytes = new Uint8Array(rxMode, 12, 6);
+  const restored = new Uint8Array(rxMode, RESTORED_AT, 6 * MAX_CARRIED);
+  /** A switch port's learned addresses: the switch's own table while the port is on it, else what it kept. */
+  const learned = (): Uint8Array[] => {
+    if (!switchPort) return [];
+    const live = joinSwitch(switchPort.name).learnedOn(switchPort.port).slice(0, MAX_CARRIED).map(parseMac);
+    if (live.length > 0) return live;
+    return Array.from({ length: Atomics.load(mode, 7) }, (_, i) => new Uint8Array(rxMode, KEPT_AT + 6 * i, 6).slice());
+  };
   const resetMode = () => {
     Atomics.store(mode, 0, 1); // promiscuous until the driver says otherwise (as QEMU's virtio-net starts)
     Atomics.store(mode, 1, 1);
@@ -174,16 +184,31 @@ export function netDevice(opts: NetOptions): NetDevice {
     // What the driver set through the control queue: the destination of a migration starts from it.
     state: {
       kind: 'net',
-      save: () => ({ mac: macBytes.slice(), promiscuous: Atomics.load(mode, 0) === 1, allMulticast: Atomics.load(mode, 1) === 1, activePairs: Atomics.load(mode, 2) }),
+      save: () => ({
+        mac: macBytes.slice(),
+        promiscuous: Atomics.load(mode, 0) === 1,
+        allMulticast: Atomics.load(mode, 1) === 1,
+        activePairs: Atomics.load(mode, 2),
+        // A switch port: the addresses the switch learned on it (the guest's, and any behind it: a bridge).
+        learned: learned(),
+      }),
       load(s: object) {
-        const st = s as { mac?: Uint8Array; promiscuous?: boolean; allMulticast?: boolean; activePairs?: number };
+        const st = s as { mac?: Uint8Array; promiscuous?: boolean; allMulticast?: boolean; activePairs?: number; learned?: Uint8Array[] };
         if (!st.mac || st.mac.length !== 6) throw new RangeError(`a net state with a MAC of ${st.mac?.length ?? 0} bytes`);
         const active = st.activePairs ?? 1;
         if (!(active >= 1 && active <= pairs)) throw new RangeError(`a net state with ${active} active queue pairs; this device has ${pairs}`);
+        const loaded = st.learned ?? [];
+        if (loaded.length > MAX_CARRIED || loaded.some((m) => m.length !== 6)) throw new RangeError(`a net state with ${loaded.length} learned addresses (at most ${MAX_CARRIED}, 6 bytes each)`);
         macBytes.set(st.mac);
         Atomics.store(mode, 0, st.promiscuous ? 1 : 0);
         Atomics.store(mode, 1, st.allMulticast ? 1 : 0);
         Atomics.store(mode, 2, active);
+        // The switch's table belongs to its thread: the port announces these there on its next pass, and the
+        // switch learns them on this port as it learns any sender.
+        if (switchPort) {
+          loaded.forEach((m, i) => restored.set(m, 6 * i));
+          Atomics.store(mode, 6, loaded.length);
+        }
       },
     },
     sendRarp(guestMac) {
@@ -309,11 +334,18 @@ export function createThreadHandler(thread: ThreadContext): ThreadHandler<NetQue
   };
 }
 
-/** After migration (SEND_RARP), each pair announces the guest's MAC once, on its next pass. */
+/**
+ * After migration (SEND_RARP), each pair announces the guest's MAC once, on its next pass; the first pair also
+ * announces the addresses a loaded device state restored (a switch port's learned ones).
+ */
 function announcer(o: NetQueueOptions, pairIndex: number, pair: Pair): () => void {
-  const mode = new Int32Array(o.rxMode, 0, 6);
+  const mode = new Int32Array(o.rxMode, 0, 8);
   const mine = 1 << Math.min(pairIndex, 30);
   return () => {
+    if (pairIndex === 0 && Atomics.load(mode, 6) > 0) {
+      const n = Atomics.exchange(mode, 6, 0);
+      for (let i = 0; i < n; i++) pair.port!.announce(rarpFrame(new Uint8Array(o.rxMode, RESTORED_AT + 6 * i, 6)));
+    }
     if ((Atomics.load(mode, 5) & mine) === 0) return;
     Atomics.and(mode, 5, ~mine);
     pair.port!.announce(rarpFrame(new Uint8Array(o.rxMode, 12, 6)));

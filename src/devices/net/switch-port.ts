@@ -4,6 +4,17 @@ import type { Forwarder, SwitchMember } from './forwarding.js';
 import type { PortBackend, PortHooks } from './ports.js';
 import { BytesFrame } from './datapath.js';
 
+/**
+ * A switch port's learned addresses travel in its device state (at most MAX_CARRIED), through its rx-mode memory:
+ * Int32 [6] and the addresses from RESTORED_AT, loaded and still to announce; Int32 [7] and the addresses from
+ * KEPT_AT, what the switch had learned on the port when it left the switch (which forgets them then, before QEMU
+ * asks a stopped device for its state).
+ */
+export const MAX_CARRIED = 16;
+export const RESTORED_AT = 32;
+export const KEPT_AT = RESTORED_AT + 6 * MAX_CARRIED;
+export const RX_MODE_BYTES = KEPT_AT + 6 * MAX_CARRIED;
+
 export class SwitchPort implements PortBackend, SwitchMember {
   private readonly mode: Int32Array;
   private readonly mac: Uint8Array;
@@ -58,6 +69,8 @@ export class SwitchPort implements PortBackend, SwitchMember {
   }
 
   close(): void {
+    const kept = this.sw.learnedOn(this.port, new Uint8Array(this.hooks.rxMode, KEPT_AT, 6 * MAX_CARRIED), MAX_CARRIED);
+    Atomics.store(new Int32Array(this.hooks.rxMode, 0, 8), 7, kept);
     this.sw.detach(this.port);
     this.onClose();
   }

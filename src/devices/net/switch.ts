@@ -89,6 +89,15 @@ export class Switch {
     return this.macTable(now).length;
   }
 
+  /** The addresses learned on one port and still in use, most recently seen first. */
+  learnedOn(port: number, now = Date.now()): string[] {
+    return this.table
+      .entries()
+      .filter((e) => e.port === port && now - e.seen <= AGEING_MS)
+      .sort((a, b) => b.seen - a.seen)
+      .map((e) => e.mac);
+  }
+
   /** The learned addresses still in use. */
   macTable(now = Date.now()): MacEntry[] {
     const out: MacEntry[] = [];
