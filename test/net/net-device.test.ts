@@ -231,8 +231,8 @@ describe('net device', () => {
     await b.rx.waitForUsed(2);
     const sw = findSwitch('state-sw')!;
     const portOf = (d: NetDevice) => (d.dataPlane.options as { switchPort: { port: number } }).switchPort.port;
-    const on = (p: number) => sw.learnedOn(p).sort();
     const hex = (m: number[] | Uint8Array) => [...m].map((x) => x.toString(16).padStart(2, '0')).join(':');
+    const on = (p: number) => sw.learnedOn(p, 16).map(hex).sort();
     expect(on(portOf(a.dev))).toEqual([hex(macA), hex(behindA)].sort());
     const learned = (d: NetDevice) => ((d.state!.save() as { learned: Uint8Array[] }).learned.map(hex)).sort();
     expect(learned(a.dev)).toEqual([hex(macA), hex(behindA)].sort());

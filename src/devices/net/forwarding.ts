@@ -56,9 +56,9 @@ export class Forwarder {
     this.attached.push(port);
   }
 
-  /** The addresses learned on `port`, into `out` (6 bytes each, at most `max`): how many. */
+  /** The addresses learned on `port` and not aged out, into `out` (6 bytes each, at most `max`): how many. */
   learnedOn(port: number, out: Uint8Array, max: number): number {
-    return this.table.copyPort(port, out, max);
+    return this.table.copyPort(port, Date.now() - AGEING_MS, out, max);
   }
 
   detach(port: number): void {

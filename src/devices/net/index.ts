@@ -36,7 +36,6 @@ import {
   encodeConfig,
   NET_HDR_SIZE,
   formatMac,
-  parseMac,
   randomMac,
   VIRTIO_ID_NET,
   VIRTIO_NET_F_CSUM,
@@ -137,7 +136,7 @@ export function netDevice(opts: NetOptions): NetDevice {
   /** A switch port's learned addresses: the switch's own table while the port is on it, else what it kept. */
   const learned = (): Uint8Array[] => {
     if (!switchPort) return [];
-    const live = joinSwitch(switchPort.name).learnedOn(switchPort.port).slice(0, MAX_CARRIED).map(parseMac);
+    const live = joinSwitch(switchPort.name).learnedOn(switchPort.port, MAX_CARRIED);
     if (live.length > 0) return live;
     return Array.from({ length: Atomics.load(mode, 7) }, (_, i) => new Uint8Array(rxMode, KEPT_AT + 6 * i, 6).slice());
   };

@@ -88,11 +88,11 @@ export class MacTable {
   }
 
   /** Forget every address learned on `port` (it left the switch). */
-  /** Copy the addresses on `port` into `out` (6 bytes each, at most `max`); how many. */
-  copyPort(port: number, out: Uint8Array, max: number): number {
+  /** Copy the addresses on `port` seen at or after `since` into `out` (6 bytes each, at most `max`); how many. */
+  copyPort(port: number, since: number, out: Uint8Array, max: number): number {
     let n = 0;
     for (let i = 0; i < MAC_TABLE_SLOTS && n < max; i++) {
-      if (this.hi[i] < 0 || this.port[i] !== port) continue;
+      if (this.hi[i] < 0 || this.port[i] !== port || this.seen[i] < since) continue;
       const h = this.hi[i];
       const l = this.lo[i];
       out.set([h >>> 8, h & 0xff, l >>> 24, (l >>> 16) & 0xff, (l >>> 8) & 0xff, l & 0xff], 6 * n++);

@@ -89,13 +89,11 @@ export class Switch {
     return this.macTable(now).length;
   }
 
-  /** The addresses learned on one port and still in use, most recently seen first. */
-  learnedOn(port: number, now = Date.now()): string[] {
-    return this.table
-      .entries()
-      .filter((e) => e.port === port && now - e.seen <= AGEING_MS)
-      .sort((a, b) => b.seen - a.seen)
-      .map((e) => e.mac);
+  /** The addresses learned on one port and not aged out, at most `max`. */
+  learnedOn(port: number, max: number): Uint8Array[] {
+    const out = new Uint8Array(6 * max);
+    const n = this.table.copyPort(port, Date.now() - AGEING_MS, out, max);
+    return Array.from({ length: n }, (_, i) => out.slice(6 * i, 6 * i + 6));
   }
 
   /** The learned addresses still in use. */
