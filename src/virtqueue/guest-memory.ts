@@ -59,6 +59,7 @@ export class GuestMemory {
   private hitEnd = 0;
   private readonly w32: (Uint32Array | undefined)[] = [];
   private readonly w16: (Uint16Array | undefined)[] = [];
+  private readonly f64: (Float64Array | undefined)[] = [];
 
   constructor(regions: readonly GuestRegion[]) {
     const sorted = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
@@ -198,6 +199,14 @@ export class GuestMemory {
    */
   byteOffsetOf(i: number): number {
     return this.bufferByteOffset[i];
+  }
+
+  /**
+   * As {@link words32}, 64-bit: for copies 8 bytes a store. A Float64Array moves bits unchanged, NaN payloads
+   * included (V8 never canonicalises a double it only loads and stores; test/net/datapath-copy.test.ts checks).
+   */
+  doubles(i: number): Float64Array {
+    return (this.f64[i] ??= new Float64Array(this.buffers[i].buffer, 0, this.buffers[i].buffer.byteLength >>> 3));
   }
 
   /** As {@link words32}, 16-bit. */

@@ -17,8 +17,9 @@ export interface FrameSource {
   readonly headBuf: Uint8Array;
   readonly headOff: number;
   readonly headLen: number;
-  /** headBuf's ArrayBuffer as 32-bit words (null: none), and headBuf's byte offset in it: for word copies. */
+  /** headBuf's ArrayBuffer as 32- and 64-bit words (null: none), and headBuf's byte offset in it: for word copies. */
   readonly headWords: Uint32Array | null;
+  readonly headDoubles: Float64Array | null;
   readonly headBase: number;
   /** Copy `n` frame bytes starting at frame offset `from` into dst at `at`. */
   copyTo(dst: Uint8Array, at: number, from: number, n: number): void;
@@ -34,6 +35,7 @@ export class ChainFrame implements FrameSource {
   headOff = 0;
   headLen = 0;
   headWords: Uint32Array | null = null;
+  headDoubles: Float64Array | null = null;
   headBase = 0;
   /** The sender's virtio-net header: hdrBuf[hdrOff..hdrOff+12), in place in the chain when it is contiguous. */
   hdrBuf: Uint8Array = EMPTY;
@@ -54,6 +56,7 @@ export class ChainFrame implements FrameSource {
     const b = chain.segBuffer[this.seg];
     this.headBuf = chain.memory.buffers[b];
     this.headWords = chain.memory.words32(b);
+    this.headDoubles = chain.memory.doubles(b);
     this.headBase = chain.memory.byteOffsetOf(b);
     this.headOff = chain.segOffset[this.seg] + this.segSkip;
     const inSeg = chain.segLength[this.seg] - this.segSkip;
@@ -125,12 +128,14 @@ export class BytesFrame implements FrameSource {
   headOff = 0;
   headLen = 0;
   headWords: Uint32Array | null = null;
+  headDoubles: Float64Array | null = null;
   headBase = 0;
   length = 0;
   /** The frame is `length` bytes of `bytes` from `start`. */
   set(bytes: Uint8Array, length = bytes.length, start = 0): this {
     if (bytes !== this.headBuf) {
       this.headWords = new Uint32Array(bytes.buffer, 0, bytes.buffer.byteLength >>> 2);
+      this.headDoubles = new Float64Array(bytes.buffer, 0, bytes.buffer.byteLength >>> 3);
       this.headBase = bytes.byteOffset;
     }
     this.headBuf = bytes;
@@ -152,8 +157,17 @@ export class BytesFrame implements FrameSource {
 
 const EMPTY = new Uint8Array(0);
 
-/** Up to this many bytes, a run is copied a 32-bit word at a time (when both ends are 4-aligned). */
-const WORD_COPY_MAX = 2048;
+/*
+ * Copies between two buffers, each way best at its own sizes (measured on Node 20, 76 bytes: a byte a store 64 ns,
+ * 4 bytes 19 ns, 8 bytes 11 ns, set() of a subarray 48 ns, most of it making the view; 1530 bytes: 4 bytes 230 ns,
+ * 8 bytes 110 ns, set() 60 ns).
+ */
+/** Up to this many bytes a run goes a byte at a time; beyond, through set() of a view. */
+const BYTE_COPY_MAX = 48;
+/** Up to this many bytes, 8 bytes a store when both ends share their offset modulo 8 ... */
+const DOUBLE_COPY_MAX = 640;
+/** ... or 4 bytes a store when both are 4-aligned. */
+const WORD_COPY_MAX = 256;
 
 /** dst[at..at+n) = src[from..from+n) in 32-bit words, between different buffers. */
 function copyWords(dst: Uint32Array, at: number, src: Uint32Array, from: number, n: number): void {
@@ -161,11 +175,26 @@ function copyWords(dst: Uint32Array, at: number, src: Uint32Array, from: number,
 }
 
 /**
+ * d8[dOff..dOff+n) = s8[sOff..sOff+n), 8 bytes a store: dAbs and sAbs are those offsets from the start of each
+ * ArrayBuffer (d64 and s64 view the whole buffers) and are equal modulo 8.
+ */
+function copyDoubles(d8: Uint8Array, dOff: number, d64: Float64Array, dAbs: number, s8: Uint8Array, sOff: number, s64: Float64Array, sAbs: number, n: number): void {
+  let lead = (8 - (dAbs & 7)) & 7;
+  if (lead > n) lead = n;
+  for (let i = 0; i < lead; i++) d8[dOff + i] = s8[sOff + i];
+  const words = (n - lead) >>> 3;
+  const d = (dAbs + lead) >>> 3;
+  const s = (sAbs + lead) >>> 3;
+  for (let i = 0; i < words; i++) d64[d + i] = s64[s + i];
+  for (let i = lead + 8 * words; i < n; i++) d8[dOff + i] = s8[sOff + i];
+}
+
+/**
  * dst[at..at+n) = src[from..from+n) between different buffers. Small copies go byte by byte: a typed array's
- * set() needs a view of exactly the source bytes, an allocation that costs more than copying a small frame.
+ * set() needs a view of exactly the source bytes, an allocation that costs more than copying a few bytes.
  */
 export function copyBytes(dst: Uint8Array, at: number, src: Uint8Array, from: number, n: number): void {
-  if (n <= 256) {
+  if (n <= BYTE_COPY_MAX) {
     for (let i = 0; i < n; i++) dst[at + i] = src[from + i];
   } else dst.set(src.subarray(from, from + n), at);
 }
@@ -212,11 +241,16 @@ export class RxQueue {
         const buf = c.memory.buffers[c.segBuffer[s]];
         const off = c.segOffset[s];
         if (hb === frame.headBuf && ho + NET_HDR_SIZE === frame.headOff && frame.headLen === frame.length) {
-          // Header and frame one contiguous run in the sender's buffer: one copy for both.
-          const words = frame.headWords;
+          // Header and frame one contiguous run in the sender's buffer: one copy for both, the widest way.
           const b = c.segBuffer[s];
-          if (words !== null && total <= WORD_COPY_MAX && (((c.memory.byteOffsetOf(b) + off) | (frame.headBase + ho)) & 3) === 0) {
-            copyWords(c.memory.words32(b), (c.memory.byteOffsetOf(b) + off) >>> 2, words, (frame.headBase + ho) >>> 2, total >>> 2);
+          const dAbs = c.memory.byteOffsetOf(b) + off;
+          const sAbs = frame.headBase + ho;
+          const doubles = frame.headDoubles;
+          const words = frame.headWords;
+          if (doubles !== null && total <= DOUBLE_COPY_MAX && ((dAbs ^ sAbs) & 7) === 0) {
+            copyDoubles(buf, off, c.memory.doubles(b), dAbs, hb, ho, doubles, sAbs, total);
+          } else if (words !== null && total <= WORD_COPY_MAX && ((dAbs | sAbs) & 3) === 0) {
+            copyWords(c.memory.words32(b), dAbs >>> 2, words, sAbs >>> 2, total >>> 2);
             const tail = total & ~3;
             copyBytes(buf, off + tail, hb, ho + tail, total - tail);
           } else copyBytes(buf, off, hb, ho, total);
