@@ -31,6 +31,14 @@ export class Forwarder {
   private readonly dirty: SwitchMember[] = [];
   private readonly isDirty: boolean[] = [];
   private now = Date.now();
+  /** The sender learned last in this batch (learnedHi -1: none). */
+  private learnedHi = -1;
+  private learnedLo = 0;
+  private learnedFrom = -1;
+  /** The destination looked up last in this batch and its slot (foundHi -1: none): a burst mostly goes to one. */
+  private foundHi = -1;
+  private foundLo = 0;
+  private foundSlot = -1;
   private uplinkGeneration = -1;
   private uplink: TapUplink | null = null;
 
@@ -69,6 +77,13 @@ export class Forwarder {
     const d = this.dirty.indexOf(m);
     if (d >= 0) this.dirty.splice(d, 1);
     this.table.forgetPort(port);
+    this.forgetRecent();
+  }
+
+  /** The table changed (or the clock moved): the sender and destination remembered from this batch are stale. */
+  private forgetRecent(): void {
+    this.learnedHi = -1;
+    this.foundHi = -1;
   }
 
   /** Forward a frame that arrived on port `from`, with the sender's virtio-net header at header[headerOff] (null: none). */
@@ -89,10 +104,23 @@ export class Forwarder {
       sHi = (at(6) << 8) | at(7);
       sLo = ((at(8) << 24) | (at(9) << 16) | (at(10) << 8) | at(11)) >>> 0;
     }
-    // The group bit is the first byte's lowest: bit 8 of the high half.
-    if ((sHi & 0x100) === 0) this.table.learn(sHi, sLo, from, this.now);
+    // The group bit is the first byte's lowest: bit 8 of the high half. A burst mostly comes from one sender: its
+    // address is learned once per batch (the clock only moves between batches, so a second learn would change nothing).
+    if ((sHi & 0x100) === 0 && (sLo !== this.learnedLo || sHi !== this.learnedHi || from !== this.learnedFrom)) {
+      this.table.learn(sHi, sLo, from, this.now);
+      this.learnedHi = sHi;
+      this.learnedLo = sLo;
+      this.learnedFrom = from;
+      this.foundHi = -1; // a learn may add or move slots
+    }
     if ((dHi & 0x100) === 0) {
-      const slot = this.table.find(dHi, dLo);
+      let slot = this.foundSlot;
+      if (dLo !== this.foundLo || dHi !== this.foundHi) {
+        slot = this.table.find(dHi, dLo);
+        this.foundHi = dHi;
+        this.foundLo = dLo;
+        this.foundSlot = slot;
+      }
       if (slot >= 0) {
         const port = this.table.port[slot];
         const m = this.members[port];
@@ -101,6 +129,7 @@ export class Forwarder {
           return;
         }
         this.table.forget(slot);
+        this.forgetRecent();
       }
     }
     this.counters[1]++;
@@ -124,6 +153,7 @@ export class Forwarder {
   endOfBatch(): void {
     this.flush();
     this.now = Date.now();
+    this.forgetRecent();
     if (Atomics.load(this.ctl, 1) !== this.uplinkGeneration) this.checkUplink();
   }
 
