@@ -4,7 +4,7 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { chooseAccel } from '../harness/accel.js';
@@ -38,6 +38,8 @@ if [ -e /sys/class/virtio-ports/vport0p0 ]; then
   echo "hello from the guest's /dev/hvc0" > /dev/hvc0
 fi
 true`;
+
+const STOP_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
 
 export async function vmMain(argv: string[]): Promise<number> {
   // --console takes an optional value, which parseArgs cannot express: supply the default.
@@ -100,18 +102,33 @@ export async function vmMain(argv: string[]): Promise<number> {
     }
     const append = console_ ? ['harness.hvc-shell'] : [];
     if (values.shell) return await shell(setup, devices, memoryMiB, accel, append);
-    const run = await runGuest({
-      setup,
-      devices,
-      append,
-      script,
-      timeoutMs,
-      memoryMiB,
-      ...(accel ? { accel } : {}),
-      onConsoleLine: (line) => process.stdout.write(`${line}\n`),
-    });
-    console.error(`vhost-ts vm: guest booted in ${run.bootMs} ms under ${run.accel}; script exited ${run.exitCode}`);
-    return run.exitCode;
+    // QEMU runs in a process group of its own, out of reach of signals to ours: a SIGINT, SIGTERM or SIGHUP (which
+    // would end this process without its exit handlers) stops the guest, and then the servers, before we exit.
+    const abort = new AbortController();
+    const onSignal = (signal: NodeJS.Signals) => abort.abort(signal);
+    for (const s of STOP_SIGNALS) process.on(s, onSignal);
+    try {
+      const run = await runGuest({
+        setup,
+        devices,
+        append,
+        script,
+        timeoutMs,
+        memoryMiB,
+        signal: abort.signal,
+        ...(accel ? { accel } : {}),
+        onConsoleLine: (line) => process.stdout.write(`${line}\n`),
+      });
+      console.error(`vhost-ts vm: guest booted in ${run.bootMs} ms under ${run.accel}; script exited ${run.exitCode}`);
+      return run.exitCode;
+    } catch (e) {
+      if (!abort.signal.aborted) throw e;
+      const signal = abort.signal.reason as NodeJS.Signals;
+      console.error(`vhost-ts vm: ${signal}: the guest was stopped`);
+      return 128 + osConstants.signals[signal];
+    } finally {
+      for (const s of STOP_SIGNALS) process.off(s, onSignal);
+    }
   } finally {
     for (const s of servers) await s.close();
     console_?.close();
@@ -125,6 +142,12 @@ async function shell(setup: Awaited<ReturnType<typeof ensureSetup>>, devices: Qe
   const cmd = guestCommand(setup, { accelArgs: choice.args, memoryMiB, cpus: 2, devices, append });
   console.error(`vhost-ts vm: ${choice.accel}; a shell comes up on the console; 'poweroff -f' ends it`);
   const child = spawn(cmd.file, cmd.args, { stdio: 'inherit', env: { ...process.env, ...cmd.env } });
-  const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
-  return code;
+  // A SIGTERM or SIGHUP sent to this process alone (not the terminal's whole group) ends QEMU too.
+  const forward = (signal: NodeJS.Signals) => child.kill(signal);
+  for (const s of STOP_SIGNALS) process.on(s, forward);
+  try {
+    return await new Promise<number>((resolve) => child.once('exit', (c, signal) => resolve(c ?? 128 + (signal ? osConstants.signals[signal] : 0))));
+  } finally {
+    for (const s of STOP_SIGNALS) process.off(s, forward);
+  }
 }
