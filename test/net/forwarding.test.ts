@@ -21,15 +21,21 @@ const mac = (last: number) => [0x52, 0x54, 0, 0, 0, last];
 const frame = (dst: number[], src: number[]) => new BytesFrame().set(Uint8Array.from([...dst, ...src, 0x08, 0, ...new Array(46).fill(0)]));
 const id = (dst: number[], src: number[]) => [...dst, ...src].map((b) => b.toString(16)).join('');
 
+/** A switch's forwarder with members on ports 1, 2 and 3. */
+function threePorts(name: string): { f: Forwarder; p1: Member; p2: Member; p3: Member } {
+  const sw = new Switch(name);
+  const options = [1, 2, 3].map(() => sw.addPort(() => 'p'));
+  const f = new Forwarder(name, options[0], thread);
+  const [p1, p2, p3] = [new Member(), new Member(), new Member()];
+  f.attach(1, p1);
+  f.attach(2, p2);
+  f.attach(3, p3);
+  return { f, p1, p2, p3 };
+}
+
 describe('forwarder', () => {
   it('a sender that moves to another port within one batch is learned there, and frames to it follow it', () => {
-    const sw = new Switch('fwd-test');
-    const ports = [1, 2, 3].map(() => sw.addPort(() => 'p'));
-    const f = new Forwarder('fwd-test', ports[0], thread);
-    const [p1, p2, p3] = [new Member(), new Member(), new Member()];
-    f.attach(1, p1);
-    f.attach(2, p2);
-    f.attach(3, p3);
+    const { f, p1, p2, p3 } = threePorts('fwd-test');
     const A = mac(0xa);
     const B = mac(0xb);
     // One batch: A speaks on port 1, B answers on port 3, A to B twice (known: port 3 only), then A appears on
@@ -52,13 +58,7 @@ describe('forwarder', () => {
   });
 
   it('a destination unknown at its first lookup is found once it has spoken, within the same batch', () => {
-    const sw = new Switch('fwd-test-2');
-    const ports = [1, 2, 3].map(() => sw.addPort(() => 'p'));
-    const f = new Forwarder('fwd-test-2', ports[0], thread);
-    const [p1, p2, p3] = [new Member(), new Member(), new Member()];
-    f.attach(1, p1);
-    f.attach(2, p2);
-    f.attach(3, p3);
+    const { f, p1, p2, p3 } = threePorts('fwd-test-2');
     const A = mac(0xa);
     const B = mac(0xb);
     const ALL = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
