@@ -87,7 +87,6 @@ export class MacTable {
     this.hi[slot] = DELETED;
   }
 
-  /** Forget every address learned on `port` (it left the switch). */
   /** Copy the addresses on `port` seen at or after `since` into `out` (6 bytes each, at most `max`); how many. */
   copyPort(port: number, since: number, out: Uint8Array, max: number): number {
     let n = 0;
@@ -100,6 +99,7 @@ export class MacTable {
     return n;
   }
 
+  /** Forget every address learned on `port` (it left the switch). */
   forgetPort(port: number): void {
     for (let i = 0; i < MAC_TABLE_SLOTS; i++) if (this.hi[i] >= 0 && this.port[i] === port) this.hi[i] = DELETED;
   }
