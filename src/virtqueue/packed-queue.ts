@@ -16,7 +16,7 @@ import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
 import type { DirtyLog } from './dirty-log.js';
 import { PackedInflight } from './inflight-packed.js';
-import { appendBuffer, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
+import { appendBuffer, claimLines, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
 
 // Module-private copies (see split-queue.ts: V8 folds a module's own consts, not imported bindings).
@@ -229,6 +229,26 @@ export class PackedQueue implements RingQueue {
     }
     if (this.tracker !== null) this.tracker.fetched(chain.head, d32, this.desc16, slot, chain.descriptorCount);
     return this.take(chain, top);
+  }
+
+  claimWrites(count: number, bytes: number): void {
+    if (this.disabled || this.broken !== null || this.log !== null) return;
+    let slot = this.lastAvail;
+    let expect = this.availFlags;
+    const d32 = this.desc32;
+    const d16 = this.desc16;
+    for (let k = 0; k < count; k++) {
+      const w = 4 * slot;
+      const flags = Atomics.load(d16, 2 * w + 7);
+      if ((flags & AVAIL_USED) !== expect) return;
+      // A longer chain's other descriptors would have to be walked to find the next chain: stop there.
+      if ((flags & (F_NEXT | F_INDIRECT | F_WRITE)) !== F_WRITE) return;
+      claimLines(this.memory, this.loc, d32[w], d32[w + 1], d32[w + 2], bytes);
+      if (++slot === this.size) {
+        slot = 0;
+        expect ^= AVAIL_USED;
+      }
+    }
   }
 
   /** A validated chain leaves the pool (slot `top` - 1) for the device. */

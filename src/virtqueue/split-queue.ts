@@ -14,7 +14,7 @@ import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
 import type { DirtyLog } from './dirty-log.js';
 import { SplitInflight } from './inflight-split.js';
-import { appendBuffer, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
+import { appendBuffer, claimLines, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
 
 // The code below uses these module-private names: V8 folds a module's own non-exported consts into compiled
@@ -265,6 +265,22 @@ export class SplitQueue implements RingQueue {
     this.bytesWritten += written;
     this.usedIdx = (used + 1) & 0xffff;
     this.pool[this.poolTop++] = chain;
+  }
+
+  claimWrites(count: number, bytes: number): void {
+    if (this.disabled || this.broken !== null || this.log !== null) return;
+    const last = this.lastAvailIdx;
+    let n = (Atomics.load(this.avail16, 1) - last) & 0xffff;
+    if (n > this.size) return; // pop() reports the bad idx
+    if (n > count) n = count;
+    const d32 = this.desc32;
+    const d16 = this.desc16;
+    for (let k = 0; k < n; k++) {
+      const head = this.avail16[2 + ((last + k) & this.mask)];
+      if (head >= this.size) return;
+      const w = 4 * head;
+      if ((d16[2 * w + 6] & (F_NEXT | F_INDIRECT | F_WRITE)) === F_WRITE) claimLines(this.memory, this.loc, d32[w], d32[w + 1], d32[w + 2], bytes);
+    }
   }
 
   /** Return a chain unused: the driver will not see it; the next pop yields it again (avail slot rewound). */

@@ -10,6 +10,10 @@ const thread = { watch: () => ({ close() {} }), log() {} } as unknown as ThreadC
 
 class Member implements SwitchMember {
   readonly got: string[] = [];
+  readonly claims: [number, number][] = [];
+  claimWrites(count: number, bytes: number): void {
+    this.claims.push([count, bytes]);
+  }
   receive(frame: FrameSource): boolean {
     this.got.push(Array.from({ length: 12 }, (_, i) => frame.byteAt(i).toString(16)).join(''));
     return true;
@@ -68,6 +72,25 @@ describe('forwarder', () => {
     f.endOfBatch();
     expect(p3.got).toEqual([id(B, A), id(B, A)]);
     expect(p2.got).toEqual([id(B, A), id(ALL, B)]);
+    f.close();
+  });
+
+  it('before a burst, the ports its sender last sent to claim their receive buffers: the one it reached, or all it flooded', () => {
+    const { f, p1, p2, p3 } = threePorts('fwd-test-3');
+    const A = mac(0xa);
+    const B = mac(0xb);
+    const claimed = () => [p1, p2, p3].map((p) => p.claims.splice(0));
+    f.prepare(1, 32, 76);
+    expect(claimed()).toEqual([[], [], []]); // port 1 has sent nothing yet
+    f.forward(1, frame(B, A), null); // B unknown: flooded
+    f.prepare(1, 32, 76);
+    expect(claimed()).toEqual([[], [[32, 76]], [[32, 76]]]);
+    f.forward(3, frame(A, B), null); // B learned on port 3; A known on 1
+    f.forward(1, frame(B, A), null);
+    f.prepare(1, 8, 1530); // a long frame: only its first lines
+    expect(claimed()).toEqual([[], [], [[8, 256]]]);
+    f.prepare(3, 4, 76);
+    expect(claimed()).toEqual([[[4, 76]], [], []]);
     f.close();
   });
 });

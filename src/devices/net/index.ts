@@ -424,6 +424,7 @@ function transmitHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release
           return;
         }
         if (readsFrames) touchFrames(burst, n);
+        if (port.prepare) port.prepare(n, burst[0].readableBytes);
         for (let i = 0; i < n; i++) {
           const chain = burst[i];
           if (!frame.reset(chain)) {

@@ -33,6 +33,11 @@ export interface PortBackend {
   readonly rxNeedsKicks?: boolean;
   /** A frame the guest sent; false when it was dropped. The frame's bytes are only valid during the call. */
   transmit(frame: ChainFrame): boolean;
+  /**
+   * A burst of `count` frames, the first `bytes` long with its virtio-net header, is about to be transmitted:
+   * time to claim the receive buffers they will go to (Virtqueue.claimWrites).
+   */
+  prepare?(count: number, bytes: number): void;
   /** End of a transmit batch (flush what was batched, publish receive queues touched). */
   flush(): void;
   /** The guest posted receive buffers: deliver what is waiting. */

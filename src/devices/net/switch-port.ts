@@ -36,6 +36,14 @@ export class SwitchPort implements PortBackend, SwitchMember {
     return true;
   }
 
+  prepare(count: number, bytes: number): void {
+    this.sw.prepare(this.port, count, bytes);
+  }
+
+  claimWrites(count: number, bytes: number): void {
+    this.hooks.rx()?.queue.claimWrites(count, bytes);
+  }
+
   // Receivers are published per burst of the sender, not per frame: one notification per receiver per burst.
   flush(): void {
     this.sw.flush();
