@@ -7,6 +7,12 @@ export const EPOLLIN = 0x001;
 export const EPOLLOUT = 0x004;
 export const EPOLLERR = 0x008;
 export const EPOLLHUP = 0x010;
+/**
+ * Edge-triggered. On an eventfd every write is an edge, whatever its counter holds: a watcher that never reads
+ * the counter still gets one event per write (the kernel wakes the fd's waiters on each write). Kick fds are
+ * watched this way, which saves a read() per kick.
+ */
+export const EPOLLET = 0x80000000;
 
 const EPOLL_CLOEXEC = 0o2000000;
 const EPOLL_CTL_ADD = 1;

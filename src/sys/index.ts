@@ -13,7 +13,7 @@ export {
 } from './socket.js';
 export { mmapShared, munmap, viewOf, addressOf, memfdCreate, pageSize } from './memory.js';
 export { eventfdCreate, eventfdWrite, eventfdRead, isEventfd } from './eventfd.js';
-export { Epoll, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP } from './epoll.js';
+export { Epoll, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLET } from './epoll.js';
 export {
   pread,
   pwrite,

@@ -1,6 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
 import {
+  EPOLLET,
   EPOLLIN,
   EPOLLOUT,
   Epoll,
@@ -40,6 +41,26 @@ describe('Epoll', () => {
     epoll.close();
     close(a);
     close(b);
+  });
+
+  it('edge-triggered on an eventfd: one event per write, with the counter never read', () => {
+    // The queue workers rely on this to skip reading kick fds: if a write into a non-zero counter were not an
+    // edge, a kick would be lost and its queue would stall.
+    const epoll = new Epoll();
+    const fd = eventfdCreate();
+    eventfdWrite(fd); // pending before the watch: reported when added
+    epoll.add(fd, 5, EPOLLIN | EPOLLET);
+    expect(epoll.wait(0)).toBe(1);
+    expect(epoll.token(0)).toBe(5);
+    expect(epoll.wait(0)).toBe(0); // no new write, no event, though the counter is 1
+    for (let k = 0; k < 3; k++) {
+      eventfdWrite(fd);
+      expect(epoll.wait(0)).toBe(1);
+      expect(epoll.wait(0)).toBe(0);
+    }
+    expect(eventfdRead(fd)).toBe(4);
+    epoll.close();
+    close(fd);
   });
 
   it('blocks in wait inside a worker thread', async () => {
