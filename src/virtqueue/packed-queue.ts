@@ -232,7 +232,8 @@ export class PackedQueue implements RingQueue {
   }
 
   claimWrites(count: number, bytes: number): void {
-    if (this.disabled || this.broken !== null || this.log !== null) return;
+    // Used elements are written over the descriptors, which are the driver's until popped: only buffers here.
+    if (this.disabled || this.broken !== null || this.log !== null || bytes <= 0) return;
     let slot = this.lastAvail;
     let expect = this.availFlags;
     const d32 = this.desc32;

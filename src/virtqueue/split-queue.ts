@@ -269,8 +269,15 @@ export class SplitQueue implements RingQueue {
 
   claimWrites(count: number, bytes: number): void {
     if (this.disabled || this.broken !== null || this.log !== null) return;
+    // The used elements these chains will take: a line every 8 elements, and the last.
+    const u32 = this.used32;
+    const used = this.usedIdx;
+    for (let k = 0; k < count; k += 8) u32[1 + 2 * ((used + k) & this.mask)] = 0;
+    if (count > 0) u32[1 + 2 * ((used + count - 1) & this.mask)] = 0;
+    if (bytes <= 0) return;
     const last = this.lastAvailIdx;
-    let n = (Atomics.load(this.avail16, 1) - last) & 0xffff;
+    // A plain load: a hint can do with a stale idx.
+    let n = (this.avail16[1] - last) & 0xffff;
     if (n > this.size) return; // pop() reports the bad idx
     if (n > count) n = count;
     const d32 = this.desc32;

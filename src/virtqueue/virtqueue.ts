@@ -54,10 +54,12 @@ export interface Virtqueue {
   enableNotification(): boolean;
   /**
    * A hint, before popping: the device is about to write up to `bytes` bytes into each of the next `count`
-   * available chains. A zero is stored into each cache line of those bytes now (chains of one writable
-   * descriptor only), so the lines come over from the driver's CPU together instead of one stall per chain when
-   * each is filled. Pops nothing and never throws: a bad descriptor is left for pop() to report. Does nothing
-   * while writes are logged for migration (a buffer written here may never be pushed).
+   * available chains, and to push `count` chains. A zero is stored into each cache line of those bytes now
+   * (chains of one writable descriptor only) and, in a split ring, of the used elements the pushes will fill, so
+   * the lines come over from the driver's CPU together instead of one stall per chain. `bytes` 0: the used
+   * elements only (a device that reads its chains). Pops nothing and never throws: a bad descriptor is left for
+   * pop() to report. Does nothing while writes are logged for migration (a buffer written here may never be
+   * pushed).
    *
    * @example
    * // a device that fills receive buffers in bursts of 32 frames of `len` bytes

@@ -31,8 +31,10 @@ function setup(layout: 'split' | 'packed', size = 16) {
   let queue: RingQueue;
   let split: SplitQueueDriver | null = null;
   let end: number;
+  let usedAddr = 0;
   if (layout === 'split') {
     const l = splitRingLayout(size, MEM_BASE);
+    usedAddr = l.usedAddr;
     driver = split = new SplitQueueDriver(memory, l, false);
     queue = new SplitQueue({ index: 0, memory, ...l, eventIdx: false, indirect: true, lastAvailIdx: 0 });
     end = l.end;
@@ -55,7 +57,7 @@ function setup(layout: 'split' | 'packed', size = 16) {
     for (let i = heap; i < MEM_SIZE; i++) if (bytes[i] !== FILL) out.push(i);
     return out;
   };
-  return { memory, driver, split, queue, alloc, bytes, changed };
+  return { memory, driver, split, queue, alloc, bytes, changed, usedAddr };
 }
 
 const offsets = (gpa: number, at: number[]) => at.map((i) => gpa - MEM_BASE + i);
@@ -115,6 +117,36 @@ describe.each(['split', 'packed'] as const)('claimWrites, %s ring', (layout) => 
     driver.publish();
     queue.claimWrites(8, 64);
     expect(changed()).toEqual(bufs.slice(3).flatMap((g) => offsets(g, [0, 63])));
+  });
+});
+
+describe('claimWrites, the used ring', () => {
+  it('stores into the used elements the next pushes fill (a line every 8 and the last), never into idx or published ones', () => {
+    const { driver, queue, alloc, bytes, usedAddr } = setup('split');
+    const elems = usedAddr - MEM_BASE + 4;
+    const g = alloc.alloc(64, 64);
+    for (let k = 0; k < 3; k++) driver.add1(g, 64, false);
+    driver.publish();
+    for (let k = 0; k < 3; k++) queue.push(queue.pop()!, 5);
+    queue.publish(); // used idx 3: elements 0-2 are the driver's to read
+    const before = bytes.slice(usedAddr - MEM_BASE, elems + 8 * 16);
+    bytes.fill(FILL, elems + 8 * 3, elems + 8 * 16);
+    queue.claimWrites(10, 0);
+    const zeroed: number[] = [];
+    for (let k = 0; k < 16; k++) {
+      const id = bytes.subarray(elems + 8 * k, elems + 8 * k + 4);
+      if (k >= 3 && id.every((b) => b === 0)) zeroed.push(k);
+    }
+    expect(zeroed).toEqual([3, 11, 12]); // elements 3 to 12, a store every 8 and one at the end
+    expect([...bytes.subarray(usedAddr - MEM_BASE, elems + 8 * 3)]).toEqual([...before.subarray(0, 4 + 8 * 3)]);
+    for (let k = 3; k < 16; k++) if (!zeroed.includes(k)) expect([...bytes.subarray(elems + 8 * k, elems + 8 * k + 8)]).toEqual(new Array(8).fill(FILL));
+    // The pushes then fill them as usual.
+    driver.add1(g, 64, false);
+    driver.publish();
+    queue.push(queue.pop()!, 7);
+    queue.publish();
+    while (driver.nextUsed() >= 0);
+    expect(driver.usedIdx()).toBe(4);
   });
 });
 

@@ -425,6 +425,7 @@ function transmitHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release
         }
         if (readsFrames) touchFrames(burst, n);
         if (port.prepare) port.prepare(n, burst[0].readableBytes);
+        queue.claimWrites(n, 0); // the used elements these n chains go back in
         for (let i = 0; i < n; i++) {
           const chain = burst[i];
           if (!frame.reset(chain)) {
