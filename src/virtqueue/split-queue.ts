@@ -269,17 +269,22 @@ export class SplitQueue implements RingQueue {
 
   claimWrites(count: number, bytes: number): void {
     if (this.disabled || this.broken !== null || this.log !== null) return;
-    // The used elements these chains will take: a line every 8 elements, and the last.
+    const last = this.lastAvailIdx;
+    // Atomics: the avail entries and descriptors read below must be at least as new as this idx (a stale head
+    // would name a buffer the driver has since taken back).
+    const avail = (Atomics.load(this.avail16, 1) - last) & 0xffff;
+    if (avail > this.size) return; // pop() reports the bad idx
+    // The used elements the next pushes fill, a store per line (every 8 elements) and the last. Only as many as
+    // there are chains in flight or available: a slot further on may still hold an element the driver has not
+    // read (a driver lagging behind can only have made that many chains available since).
     const u32 = this.used32;
     const used = this.usedIdx;
-    for (let k = 0; k < count; k += 8) u32[1 + 2 * ((used + k) & this.mask)] = 0;
-    if (count > 0) u32[1 + 2 * ((used + count - 1) & this.mask)] = 0;
+    let u = this.inFlightCount + avail;
+    if (u > count) u = count;
+    for (let k = 0; k < u; k += 8) u32[1 + 2 * ((used + k) & this.mask)] = 0;
+    if (u > 0) u32[1 + 2 * ((used + u - 1) & this.mask)] = 0;
+    const n = avail < count ? avail : count;
     if (bytes <= 0) return;
-    const last = this.lastAvailIdx;
-    // A plain load: a hint can do with a stale idx.
-    let n = (this.avail16[1] - last) & 0xffff;
-    if (n > this.size) return; // pop() reports the bad idx
-    if (n > count) n = count;
     const d32 = this.desc32;
     const d16 = this.desc16;
     for (let k = 0; k < n; k++) {

@@ -129,9 +129,11 @@ describe('claimWrites, the used ring', () => {
     driver.publish();
     for (let k = 0; k < 3; k++) queue.push(queue.pop()!, 5);
     queue.publish(); // used idx 3: elements 0-2 are the driver's to read
+    for (let k = 0; k < 10; k++) driver.add1(g, 64, false);
+    driver.publish(); // ten chains available: their pushes will fill elements 3-12
     const before = bytes.slice(usedAddr - MEM_BASE, elems + 8 * 16);
     bytes.fill(FILL, elems + 8 * 3, elems + 8 * 16);
-    queue.claimWrites(10, 0);
+    queue.claimWrites(12, 0); // more than there are chains: only ten elements
     const zeroed: number[] = [];
     for (let k = 0; k < 16; k++) {
       const id = bytes.subarray(elems + 8 * k, elems + 8 * k + 4);
@@ -141,12 +143,33 @@ describe('claimWrites, the used ring', () => {
     expect([...bytes.subarray(usedAddr - MEM_BASE, elems + 8 * 3)]).toEqual([...before.subarray(0, 4 + 8 * 3)]);
     for (let k = 3; k < 16; k++) if (!zeroed.includes(k)) expect([...bytes.subarray(elems + 8 * k, elems + 8 * k + 8)]).toEqual(new Array(8).fill(FILL));
     // The pushes then fill them as usual.
-    driver.add1(g, 64, false);
-    driver.publish();
     queue.push(queue.pop()!, 7);
     queue.publish();
     while (driver.nextUsed() >= 0);
     expect(driver.usedIdx()).toBe(4);
+  });
+});
+
+describe('claimWrites, the used ring of a driver that lags', () => {
+  it('stores only into the slots of chains in flight or available: the next ones may hold elements not yet read', () => {
+    const { driver, queue, bytes, alloc, usedAddr } = setup('split');
+    const elems = usedAddr - MEM_BASE + 4;
+    const g = alloc.alloc(64, 64);
+    // 14 chains used and published, none reaped: slots 0-13 hold elements the driver has still to read, and only
+    // two descriptors are free, so it can post two more.
+    for (let k = 0; k < 14; k++) driver.add1(g, 64, false);
+    driver.publish();
+    for (let k = 0; k < 14; k++) queue.push(queue.pop()!, 1000 + k);
+    queue.publish();
+    for (let k = 0; k < 2; k++) driver.add1(g, 64, false);
+    driver.publish();
+    const unread = bytes.slice(elems, elems + 8 * 14);
+    queue.claimWrites(32, 0);
+    expect([...bytes.subarray(elems, elems + 8 * 14)]).toEqual([...unread]);
+    // The driver reads all 14 as they were pushed.
+    const lengths: number[] = [];
+    while (driver.nextUsed() >= 0) lengths.push(driver.lastUsedLen);
+    expect(lengths).toEqual(Array.from({ length: 14 }, (_, k) => 1000 + k));
   });
 });
 
