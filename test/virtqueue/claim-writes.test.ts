@@ -120,17 +120,26 @@ describe.each(['split', 'packed'] as const)('claimWrites, %s ring', (layout) => 
   });
 });
 
+/**
+ * A split ring whose driver has `unread` used elements published and not reaped (lengths 1000 + k), then
+ * `posted` chains made available: `elems` is the used elements' offset in `bytes`.
+ */
+function usedThenPosted(unread: number, posted: number) {
+  const s = setup('split');
+  const g = s.alloc.alloc(64, 64);
+  for (let k = 0; k < unread; k++) s.driver.add1(g, 64, false);
+  s.driver.publish();
+  for (let k = 0; k < unread; k++) s.queue.push(s.queue.pop()!, 1000 + k);
+  s.queue.publish();
+  for (let k = 0; k < posted; k++) s.driver.add1(g, 64, false);
+  s.driver.publish();
+  return { ...s, elems: s.usedAddr - MEM_BASE + 4 };
+}
+
 describe('claimWrites, the used ring', () => {
   it('stores into the used elements the next pushes fill (a line every 8 and the last), never into idx or published ones', () => {
-    const { driver, queue, alloc, bytes, usedAddr } = setup('split');
-    const elems = usedAddr - MEM_BASE + 4;
-    const g = alloc.alloc(64, 64);
-    for (let k = 0; k < 3; k++) driver.add1(g, 64, false);
-    driver.publish();
-    for (let k = 0; k < 3; k++) queue.push(queue.pop()!, 5);
-    queue.publish(); // used idx 3: elements 0-2 are the driver's to read
-    for (let k = 0; k < 10; k++) driver.add1(g, 64, false);
-    driver.publish(); // ten chains available: their pushes will fill elements 3-12
+    // Used idx 3: elements 0-2 are the driver's to read; ten chains available, whose pushes will fill 3-12.
+    const { driver, queue, bytes, usedAddr, elems } = usedThenPosted(3, 10);
     const before = bytes.slice(usedAddr - MEM_BASE, elems + 8 * 16);
     bytes.fill(FILL, elems + 8 * 3, elems + 8 * 16);
     queue.claimWrites(12, 0); // more than there are chains: only ten elements
@@ -148,21 +157,11 @@ describe('claimWrites, the used ring', () => {
     while (driver.nextUsed() >= 0);
     expect(driver.usedIdx()).toBe(4);
   });
-});
 
-describe('claimWrites, the used ring of a driver that lags', () => {
-  it('stores only into the slots of chains in flight or available: the next ones may hold elements not yet read', () => {
-    const { driver, queue, bytes, alloc, usedAddr } = setup('split');
-    const elems = usedAddr - MEM_BASE + 4;
-    const g = alloc.alloc(64, 64);
-    // 14 chains used and published, none reaped: slots 0-13 hold elements the driver has still to read, and only
-    // two descriptors are free, so it can post two more.
-    for (let k = 0; k < 14; k++) driver.add1(g, 64, false);
-    driver.publish();
-    for (let k = 0; k < 14; k++) queue.push(queue.pop()!, 1000 + k);
-    queue.publish();
-    for (let k = 0; k < 2; k++) driver.add1(g, 64, false);
-    driver.publish();
+  it('of a driver that lags, stores only into the slots of chains in flight or available: the next ones may hold elements not yet read', () => {
+    // 14 elements published and none reaped: slots 0-13 hold elements the driver has still to read, and only two
+    // descriptors are free, so it can post two more.
+    const { driver, queue, bytes, elems } = usedThenPosted(14, 2);
     const unread = bytes.slice(elems, elems + 8 * 14);
     queue.claimWrites(32, 0);
     expect([...bytes.subarray(elems, elems + 8 * 14)]).toEqual([...unread]);
