@@ -54,15 +54,22 @@ export class ChainFrame implements FrameSource {
     this.headerRead = false;
     this.rewind();
     const b = chain.segBuffer[this.seg];
-    this.headBuf = chain.memory.buffers[b];
-    this.headWords = chain.memory.words32(b);
-    this.headDoubles = chain.memory.doubles(b);
-    this.headBase = chain.memory.byteOffsetOf(b);
+    const memory = chain.memory;
+    const buf = memory.buffers[b];
+    // Frames mostly come from one window: the views change rarely, and a compare costs less than a store of an
+    // object with its write barrier.
+    if (buf !== this.headBuf) {
+      this.headBuf = buf;
+      this.headWords = memory.words32(b);
+      this.headDoubles = memory.doubles(b);
+      this.headBase = memory.byteOffsetOf(b);
+    }
     this.headOff = chain.segOffset[this.seg] + this.segSkip;
     const inSeg = chain.segLength[this.seg] - this.segSkip;
     this.headLen = inSeg < this.length ? inSeg : this.length;
     if (chain.segLength[0] >= NET_HDR_SIZE) {
-      this.hdrBuf = chain.memory.buffers[chain.segBuffer[0]];
+      const hb = this.seg === 0 ? buf : memory.buffers[chain.segBuffer[0]];
+      if (hb !== this.hdrBuf) this.hdrBuf = hb;
       this.hdrOff = chain.segOffset[0];
     } else {
       this.hdrBuf = this.header;
