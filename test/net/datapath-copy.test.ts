@@ -4,6 +4,7 @@
 import { randomFillSync } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { BytesFrame, ChainFrame, RxQueue } from '../../src/devices/net/datapath.js';
+import { openPort, sourceFrame, type PortHooks } from '../../src/devices/net/ports.js';
 import { NET_HDR_NUM_BUFFERS, NET_HDR_SIZE } from '../../src/devices/net/spec.js';
 import { GuestMemory, SplitQueue, SplitQueueDriver, splitRingLayout } from '../../src/virtqueue/index.js';
 
@@ -82,5 +83,31 @@ describe('receive copy', () => {
         }
       }
     }
+  });
+
+  it('the source sends each frame from the copy aligned as the last buffer was, and every buffer gets the frame whole', () => {
+    const r = receiver();
+    const stats = new Float64Array(8);
+    const source = openPort({ kind: 'source', frameSize: 64 }, { rx: () => r.rx, stats } as unknown as PortHooks);
+    const want = new Uint8Array(NET_HDR_SIZE + 64);
+    want.set(sourceFrame(64), NET_HDR_SIZE);
+    want[NET_HDR_NUM_BUFFERS] = 1;
+    let slot = 0;
+    // Runs of one alignment (DPDK's buffers, each 4 past a boundary) and changes between them: after a change
+    // the source's guess is wrong once, and that frame must be as whole as the others.
+    for (const skews of [[4, 4, 4, 4], [0, 0, 3, 3, 7], [1, 2, 3, 4, 5, 6, 7, 0], [4, 4]]) {
+      const gpas = skews.map((skew) => BASE + RX_AREA + (slot++ % 40) * RX_BUF + skew);
+      for (const gpa of gpas) r.driver.add1(gpa, 2048, true);
+      r.driver.publish();
+      source.rxReady();
+      r.queue.publish();
+      for (const gpa of gpas) {
+        expect(r.driver.nextUsed()).toBeGreaterThanOrEqual(0);
+        const got = r.bytes.subarray(gpa - BASE, gpa - BASE + want.length);
+        expect(got.findIndex((b, i) => b !== want[i]), `buffer ${(gpa & 7)} past a boundary: first wrong byte`).toBe(-1);
+      }
+      expect(r.rx.lastAlign).toBe(skews[skews.length - 1]);
+    }
+    expect(stats[3]).toBe(19);
   });
 });

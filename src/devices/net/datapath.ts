@@ -217,6 +217,11 @@ const ZERO_HEADER = new Uint8Array(NET_HDR_SIZE);
 export class RxQueue {
   private readonly popped: DescriptorChain[] = [];
   private readonly used: number[] = [];
+  /**
+   * Where the last frame copied in one run landed, modulo 8 from the start of its guest memory window: a source
+   * that can place its next frame at the same alignment gets the 8-byte copy (a guest posts its buffers alike).
+   */
+  lastAlign = 0;
 
   constructor(
     readonly queue: Virtqueue,
@@ -252,6 +257,7 @@ export class RxQueue {
           const b = c.segBuffer[s];
           const dAbs = c.memory.byteOffsetOf(b) + off;
           const sAbs = frame.headBase + ho;
+          this.lastAlign = dAbs & 7;
           const doubles = frame.headDoubles;
           const words = frame.headWords;
           if (doubles !== null && total <= DOUBLE_COPY_MAX && ((dAbs ^ sAbs) & 7) === 0) {
