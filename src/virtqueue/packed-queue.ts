@@ -140,6 +140,8 @@ export class PackedQueue implements RingQueue {
     this.eventIdx = cfg.eventIdx;
     this.indirect = cfg.indirect;
     this.maxSegments = cfg.maxSegments ?? cfg.size + INDIRECT_ENTRIES_MAX;
+    // At least one: pop's path for a lone descriptor does not look at the limit.
+    if (!(this.maxSegments >= 1)) throw new VirtqueueError('BAD_RING', cfg.index, `maxSegments ${cfg.maxSegments}: at least 1`);
     this.descAddr = cfg.descAddr;
     this.driverAddr = cfg.driverAddr;
     this.deviceAddr = cfg.deviceAddr;
@@ -194,8 +196,8 @@ export class PackedQueue implements RingQueue {
   }
 
   pop(): DescriptorChain | null {
-    if (this.disabled) return null;
-    if (this.broken !== null) return null;
+    // Kept under V8's inlining limit (460 bytes of bytecode), as SplitQueue.pop: see test/virtqueue/inlining.test.ts.
+    if (this.disabled || this.broken !== null) return null;
     if (this.resubmitPos !== this.resubmit.length) return this.popResubmitted();
     const slot = this.lastAvail;
     const w = 4 * slot;
@@ -218,8 +220,7 @@ export class PackedQueue implements RingQueue {
       id < this.size &&
       this.idInFlight[id] === 0 &&
       memory.locate(gpa, len, loc) &&
-      len <= loc.span &&
-      this.maxSegments > 0
+      len <= loc.span
     ) {
       // A lone direct descriptor in one window: nothing to walk, everything already checked.
       chain.resetOne(memory, id, gpa, loc.buffer, loc.offset, len, (flags & F_WRITE) !== 0);

@@ -123,6 +123,8 @@ export class SplitQueue implements RingQueue {
     this.eventIdx = cfg.eventIdx;
     this.indirect = cfg.indirect;
     this.maxSegments = cfg.maxSegments ?? cfg.size + INDIRECT_ENTRIES_MAX;
+    // At least one: pop's path for a lone descriptor does not look at the limit.
+    if (!(this.maxSegments >= 1)) throw new VirtqueueError('BAD_RING', cfg.index, `maxSegments ${cfg.maxSegments}: at least 1`);
     this.descAddr = cfg.descAddr;
     this.availAddr = cfg.availAddr;
     this.usedAddr = cfg.usedAddr;
@@ -165,9 +167,9 @@ export class SplitQueue implements RingQueue {
    * broken) when the guest broke the rules; the chain's slot is consumed either way.
    */
   pop(): DescriptorChain | null {
-    if (this.disabled) return null;
-    // Kept small (the rest is in refill, badHead, newChain and walk) so that V8 inlines pop into the device's loop.
-    if (this.broken !== null) return null;
+    // Kept under V8's inlining limit of 460 bytes of bytecode (the rest is in refill, badHead, newChain and walk),
+    // so that pop is inlined into the device's loop: test/virtqueue/inlining.test.ts measures it.
+    if (this.disabled || this.broken !== null) return null;
     if (this.resubmitPos !== this.resubmit.length) return this.popResubmitted();
     const last = this.lastAvailIdx;
     if (this.shadowAvailIdx === last && !this.refill(last)) return null;
@@ -189,8 +191,7 @@ export class SplitQueue implements RingQueue {
       len > 0 &&
       hi <= 0x1fffff &&
       memory.locate(gpa, len, loc) &&
-      len <= loc.span &&
-      this.maxSegments > 0
+      len <= loc.span
     ) {
       // A lone direct descriptor whose buffer lies in one window (most requests of most devices) skips walk():
       // it cannot loop, be out of order or name another descriptor, and its buffer has just been checked.

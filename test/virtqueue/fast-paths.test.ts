@@ -107,6 +107,10 @@ describe('lone-descriptor fast path', () => {
     expect(codeOf(() => queue.pop())).toBe('CHAIN_TOO_LONG');
   });
 
+  it('refuses a maxSegments below 1 (the lone-descriptor path does not look at it)', () => {
+    expect(codeOf(() => setup({ maxSegments: 0 }))).toBe('BAD_RING');
+  });
+
   it('splits a lone buffer that straddles two windows', () => {
     const big = new Uint8Array(WINDOW_SIZE + 0x10000);
     const memory = new GuestMemory([

@@ -327,6 +327,8 @@ describe('packed queue: validation of what the guest controls', () => {
     const buf = d.alloc.alloc(16);
     raw(d, [[buf, 4, 0, VIRTQ_DESC_F_NEXT], [buf, 4, 0, VIRTQ_DESC_F_NEXT], [buf, 4, 0, 0]]);
     expectQueueError(() => q.pop(), 'CHAIN_TOO_LONG');
+    // Below 1 it is refused: the lone-descriptor path does not look at it.
+    expectQueueError(() => new PackedQueue({ ...d.cfg, maxSegments: 0 }), 'BAD_RING');
   });
 
   it('rejects rings outside memory or misaligned, bad sizes and bases', () => {
