@@ -18,6 +18,7 @@ const RING = 256;
 const FRAME = 64;
 const HDR = 12;
 const RX_BUF = 2048;
+const flood = process.argv.includes('--flood');
 const seconds = Number(process.argv.find((a, i) => i >= 2 && !a.startsWith("--")) ?? 3);
 
 interface Guest {
@@ -39,7 +40,7 @@ function guest(device: number, mac: string, peer: string): Guest {
   const dev = netDevice({ backend: { kind: 'switch', name: 'profile' }, mac: parse(mac) } as never);
   const options = dev.dataPlane!.options as NetQueueOptions;
   // Flooded frames carry no port's address: the receivers are promiscuous, as testpmd puts its ports.
-  if (process.argv.includes('--flood')) new Int32Array(options.rxMode, 0, 1)[0] = 1;
+  if (flood) new Int32Array(options.rxMode, 0, 1)[0] = 1;
   const bytes = new Uint8Array(1 << 22);
   const base = 0x100000;
   const memory = GuestMemory.fromBuffers([{ guestPhysAddr: base, bytes }]);
@@ -83,7 +84,6 @@ function parse(mac: string): Uint8Array {
   return Uint8Array.from(mac.split(':').map((h) => parseInt(h, 16)));
 }
 
-const flood = process.argv.includes('--flood');
 const a = guest(0, '52:54:00:00:00:0a', flood ? '02:00:00:00:00:01' : '52:54:00:00:00:0b');
 const b = guest(1, '52:54:00:00:00:0b', flood ? '02:00:00:00:00:00' : '52:54:00:00:00:0a');
 
