@@ -16,7 +16,7 @@ import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
 import type { DirtyLog } from './dirty-log.js';
 import { PackedInflight } from './inflight-packed.js';
-import { appendBuffer, claimLines, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
+import { appendBuffer, claimLines, OUTSIDE_MEMORY, ringView, segmentLimit, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
 
 // Module-private copies (see split-queue.ts: V8 folds a module's own consts, not imported bindings).
@@ -139,9 +139,7 @@ export class PackedQueue implements RingQueue {
     this.size = cfg.size;
     this.eventIdx = cfg.eventIdx;
     this.indirect = cfg.indirect;
-    this.maxSegments = cfg.maxSegments ?? cfg.size + INDIRECT_ENTRIES_MAX;
-    // At least one: pop's path for a lone descriptor does not look at the limit.
-    if (!(this.maxSegments >= 1)) throw new VirtqueueError('BAD_RING', cfg.index, `maxSegments ${cfg.maxSegments}: at least 1`);
+    this.maxSegments = segmentLimit(cfg.maxSegments, cfg.size, INDIRECT_ENTRIES_MAX, cfg.index);
     this.descAddr = cfg.descAddr;
     this.driverAddr = cfg.driverAddr;
     this.deviceAddr = cfg.deviceAddr;

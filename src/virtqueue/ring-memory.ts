@@ -109,3 +109,14 @@ export function claimLines(memory: GuestMemory, loc: Location, lo: number, hi: n
   for (let i = 0; i < n; i += 64) b[o + i] = 0;
   b[o + n - 1] = 0;
 }
+
+/**
+ * The most segments a chain may have in a ring of `size` descriptors: `configured`, or by default the whole ring
+ * plus a full indirect table of `indirectMax` entries. At least 1, or the ring is refused: pop()'s path for a lone
+ * descriptor does not look at the limit.
+ */
+export function segmentLimit(configured: number | undefined, size: number, indirectMax: number, index: number): number {
+  const limit = configured ?? size + indirectMax;
+  if (!(limit >= 1)) throw new VirtqueueError('BAD_RING', index, `maxSegments ${configured}: at least 1`);
+  return limit;
+}

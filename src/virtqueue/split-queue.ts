@@ -14,7 +14,7 @@ import { VirtqueueError } from './errors.js';
 import type { GuestMemory, Location } from './guest-memory.js';
 import type { DirtyLog } from './dirty-log.js';
 import { SplitInflight } from './inflight-split.js';
-import { appendBuffer, claimLines, OUTSIDE_MEMORY, ringView, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
+import { appendBuffer, claimLines, OUTSIDE_MEMORY, ringView, segmentLimit, tableProblem, tableWord, TOO_MANY_SEGMENTS } from './ring-memory.js';
 import type { RingQueue } from './virtqueue.js';
 
 // The code below uses these module-private names: V8 folds a module's own non-exported consts into compiled
@@ -122,9 +122,7 @@ export class SplitQueue implements RingQueue {
     this.mask = cfg.size - 1;
     this.eventIdx = cfg.eventIdx;
     this.indirect = cfg.indirect;
-    this.maxSegments = cfg.maxSegments ?? cfg.size + INDIRECT_ENTRIES_MAX;
-    // At least one: pop's path for a lone descriptor does not look at the limit.
-    if (!(this.maxSegments >= 1)) throw new VirtqueueError('BAD_RING', cfg.index, `maxSegments ${cfg.maxSegments}: at least 1`);
+    this.maxSegments = segmentLimit(cfg.maxSegments, cfg.size, INDIRECT_ENTRIES_MAX, cfg.index);
     this.descAddr = cfg.descAddr;
     this.availAddr = cfg.availAddr;
     this.usedAddr = cfg.usedAddr;
