@@ -57,6 +57,11 @@ export class GuestMemory {
   private hitLength = 0;
   private hitBuffer = 0;
   private hitEnd = 0;
+  /**
+   * The cached window again for windowOffset: its start's low and high 32-bit words and its length. Typed-array
+   * elements stay integers at any size (a field over 2^30 would hold a boxed double).
+   */
+  private readonly hit32 = new Uint32Array(3);
   private readonly w32: (Uint32Array | undefined)[] = [];
   private readonly w16: (Uint16Array | undefined)[] = [];
   private readonly f64: (Float64Array | undefined)[] = [];
@@ -160,6 +165,31 @@ export class GuestMemory {
     return rel >= 0 && rel < this.hitLength && length <= this.hitLength - rel ? rel : -1;
   }
 
+  /**
+   * {@link offsetInLastWindow} for an address given as its two 32-bit words (as descriptors hold it), in integer
+   * arithmetic; outside the cached window it asks locate, which moves the cache. The offset of the range in buffer
+   * {@link lastBuffer}, or -1 when the range is not wholly inside one window of guest memory.
+   */
+  windowOffset(lo: number, hi: number, length: number): number {
+    // No modular shortcut: lo - start wrapped to 32 bits would take an address 4 GiB below the window for one in it.
+    const h = this.hit32;
+    const start = h[0];
+    if (hi === h[1] && lo >= start) {
+      const rel = lo - start;
+      const n = h[2];
+      if (rel < n && length <= n - rel) return rel;
+    }
+    return this.windowOffsetSlow(lo, hi, length);
+  }
+
+  private windowOffsetSlow(lo: number, hi: number, length: number): number {
+    const loc = this.scratch;
+    if (hi > 0x1fffff || !this.locate(hi * 4294967296 + lo, length, loc) || length > loc.span) return -1;
+    return loc.offset;
+  }
+
+  private readonly scratch: Location = { buffer: 0, offset: 0, span: 0 };
+
   /** Index into {@link buffers} of the window the last successful lookup landed in. */
   get lastBuffer(): number {
     return this.hitBuffer;
@@ -175,6 +205,9 @@ export class GuestMemory {
     const buffer = this.firstBuffer[r] + w;
     this.hitStart = this.starts[r] + w * WINDOW_SIZE;
     this.hitLength = this.bufferLength[buffer];
+    this.hit32[0] = this.hitStart % 4294967296;
+    this.hit32[1] = Math.floor(this.hitStart / 4294967296);
+    this.hit32[2] = this.hitLength;
     this.hitBuffer = buffer;
     this.hitEnd = this.ends[r];
     if (length > this.hitEnd - gpa) return false;

@@ -207,21 +207,19 @@ export class PackedQueue implements RingQueue {
     const memory = this.memory;
     const d32 = this.desc32;
     const len = d32[w + 2];
+    const lo = d32[w];
     const hi = d32[w + 1];
-    const gpa = hi * 4294967296 + d32[w];
-    const loc = this.loc;
     const id = this.desc16[2 * w + 6];
+    let off = -1;
     if (
       (flags & (F_NEXT | F_INDIRECT)) === 0 &&
       len > 0 &&
-      hi <= 0x1fffff &&
       id < this.size &&
       this.idInFlight[id] === 0 &&
-      memory.locate(gpa, len, loc) &&
-      len <= loc.span
+      (off = memory.windowOffset(lo, hi, len)) >= 0
     ) {
       // A lone direct descriptor in one window: nothing to walk, everything already checked.
-      chain.resetOne(memory, id, gpa, loc.buffer, loc.offset, len, (flags & F_WRITE) !== 0);
+      chain.resetOne(memory, id, hi * 4294967296 + lo, memory.lastBuffer, off, len, (flags & F_WRITE) !== 0);
       this.advanceAvail(1);
     } else {
       this.walk(chain, slot, flags);
@@ -243,7 +241,7 @@ export class PackedQueue implements RingQueue {
       if ((flags & AVAIL_USED) !== expect) return;
       // A longer chain's other descriptors would have to be walked to find the next chain: stop there.
       if ((flags & (F_NEXT | F_INDIRECT | F_WRITE)) !== F_WRITE) return;
-      claimLines(this.memory, this.loc, d32[w], d32[w + 1], d32[w + 2], bytes);
+      claimLines(this.memory, d32[w], d32[w + 1], d32[w + 2], bytes);
       if (++slot === this.size) {
         slot = 0;
         expect ^= AVAIL_USED;

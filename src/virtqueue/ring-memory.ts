@@ -96,15 +96,16 @@ export function tableProblem(code: number): string {
 
 /**
  * For claimWrites: store a zero into each cache line of the first `bytes` bytes of a descriptor's buffer (address
- * words lo and hi, `len` bytes) when the buffer is in guest memory and those bytes in one window of it; otherwise
- * nothing, and pop() judges the descriptor.
+ * words lo and hi, `len` bytes) when the whole buffer lies in one window of guest memory; otherwise nothing, and
+ * pop() judges the descriptor.
  */
-export function claimLines(memory: GuestMemory, loc: Location, lo: number, hi: number, len: number, bytes: number): void {
+export function claimLines(memory: GuestMemory, lo: number, hi: number, len: number, bytes: number): void {
   const n = len < bytes ? len : bytes;
+  if (n <= 0) return;
   // The whole buffer must be guest memory, not just the part claimed: nothing is written for a bad descriptor.
-  if (n <= 0 || hi > 0x1fffff || !memory.locate(hi * 4294967296 + lo, len, loc) || n > loc.span) return;
-  const b = memory.buffers[loc.buffer];
-  const o = loc.offset;
+  const o = memory.windowOffset(lo, hi, len);
+  if (o < 0) return;
+  const b = memory.buffers[memory.lastBuffer];
   // A store every 64 bytes and one at the end hits every line the range touches.
   for (let i = 0; i < n; i += 64) b[o + i] = 0;
   b[o + n - 1] = 0;

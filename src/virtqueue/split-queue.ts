@@ -181,19 +181,13 @@ export class SplitQueue implements RingQueue {
     const flags = this.desc16[2 * w + 6];
     const d32 = this.desc32;
     const len = d32[w + 2];
+    const lo = d32[w];
     const hi = d32[w + 1];
-    const gpa = hi * 4294967296 + d32[w];
-    const loc = this.loc;
-    if (
-      (flags & (F_NEXT | F_INDIRECT)) === 0 &&
-      len > 0 &&
-      hi <= 0x1fffff &&
-      memory.locate(gpa, len, loc) &&
-      len <= loc.span
-    ) {
+    let off = -1;
+    if ((flags & (F_NEXT | F_INDIRECT)) === 0 && len > 0 && (off = memory.windowOffset(lo, hi, len)) >= 0) {
       // A lone direct descriptor whose buffer lies in one window (most requests of most devices) skips walk():
       // it cannot loop, be out of order or name another descriptor, and its buffer has just been checked.
-      chain.resetOne(memory, head, gpa, loc.buffer, loc.offset, len, (flags & F_WRITE) !== 0);
+      chain.resetOne(memory, head, hi * 4294967296 + lo, memory.lastBuffer, off, len, (flags & F_WRITE) !== 0);
     } else {
       this.walk(chain, head, flags);
     }
@@ -290,7 +284,7 @@ export class SplitQueue implements RingQueue {
       const head = this.avail16[2 + ((last + k) & this.mask)];
       if (head >= this.size) return;
       const w = 4 * head;
-      if ((d16[2 * w + 6] & (F_NEXT | F_INDIRECT | F_WRITE)) === F_WRITE) claimLines(this.memory, this.loc, d32[w], d32[w + 1], d32[w + 2], bytes);
+      if ((d16[2 * w + 6] & (F_NEXT | F_INDIRECT | F_WRITE)) === F_WRITE) claimLines(this.memory, d32[w], d32[w + 1], d32[w + 2], bytes);
     }
   }
 

@@ -57,6 +57,32 @@ describe('GuestMemory', () => {
     expect(mem.locate(2 ** 60, 1, l)).toBe(false);
   });
 
+  it('gives a window offset from an address as descriptor words, only for ranges inside one window', () => {
+    // A region just under 4 GiB reaching past it, and one at 0: the cached window's low word is 0xfffff000, so
+    // an address 4 GiB below it (same high word, low word 0x100) is 0x1100 after it modulo 2^32, and must not be
+    // taken for an address in it.
+    const low = new Uint8Array(0x2000);
+    const high = new Uint8Array(0x2000);
+    const m = GuestMemory.fromBuffers([
+      { guestPhysAddr: 0, bytes: low },
+      { guestPhysAddr: 0xfffff000, bytes: high },
+    ]);
+    const at = (lo: number, hi: number, len: number) => {
+      const off = m.windowOffset(lo, hi, len);
+      return off < 0 ? null : { bytes: m.buffers[m.lastBuffer], off };
+    };
+    expect(at(0xfffff010, 0, 16)).toEqual({ bytes: high, off: 0x10 });
+    expect(at(0x100, 0, 16)).toEqual({ bytes: low, off: 0x100 }); // found in its own region, cache moved
+    expect(at(0xfffff010, 0, 16)).toEqual({ bytes: high, off: 0x10 });
+    expect(at(0x100, 1, 16)).toEqual({ bytes: high, off: 0x1100 }); // past 4 GiB, still the high region
+    expect(at(0x1000, 1, 1)).toBeNull(); // one byte past its end
+    expect(at(0xfff, 1, 2)).toBeNull(); // straddles its end
+    expect(at(0xffffe000, 0, 16)).toBeNull(); // the gap below it
+    expect(at(0x100, 0x200000, 16)).toBeNull(); // beyond 2^53
+    expect(at(0x1ff0, 0, 0x10)).toEqual({ bytes: low, off: 0x1ff0 });
+    expect(at(0x1ff0, 0, 0x11)).toBeNull();
+  });
+
   it('translates frontend virtual addresses', () => {
     expect(mem.userToGuest(0x7f0000100020)).toBe(0x100020);
     expect(mem.userToGuest(0x7f0000000000 + 0x3fff)).toBe(0x3fff);
