@@ -114,6 +114,8 @@ export class PackedQueue implements RingQueue {
   private pendingAdvance = 0;
   private signalledValid = false;
   private eventFlagsWritten = false;
+  /** EVENT_DISABLE is in the device event suppression area's flags (written by disableNotification, cleared by enable). */
+  private kicksOff = false;
 
   /** 1 for each buffer id popped and not yet returned: a driver reusing one breaks the ring. */
   private readonly idInFlight: Uint8Array;
@@ -348,11 +350,15 @@ export class PackedQueue implements RingQueue {
   }
 
   disableNotification(): void {
-    // With EVENT_IDX the driver kicks only when it passes the offset we gave it, which it already has.
-    if (!this.eventIdx) Atomics.store(this.device16, 1, EVENT_DISABLE);
+    // With EVENT_IDX the driver kicks only when it passes the offset we gave it, which it already has. Otherwise
+    // once, with a plain store (a hint, ordering nothing): the runner calls this on every pass.
+    if (this.eventIdx || this.kicksOff) return;
+    this.kicksOff = true;
+    this.device16[1] = EVENT_DISABLE;
   }
 
   enableNotification(): boolean {
+    this.kicksOff = false;
     if (this.eventIdx) {
       Atomics.store(this.device16, 0, this.lastAvail | (this.availWrap << 15));
       if (!this.eventFlagsWritten) {

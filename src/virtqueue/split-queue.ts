@@ -112,6 +112,8 @@ export class SplitQueue implements RingQueue {
   readonly recovered: number = 0;
   private log: DirtyLog | null = null;
   private usedLogAddr = -1;
+  /** VIRTQ_USED_F_NO_NOTIFY is in the used ring's flags (written by disableNotification, cleared by enable). */
+  private kicksOff = false;
 
   constructor(cfg: SplitQueueConfig) {
     this.index = cfg.index;
@@ -331,7 +333,11 @@ export class SplitQueue implements RingQueue {
 
   /** Ask the driver not to kick while we are busy (no-op with EVENT_IDX, where avail_event does the job). */
   disableNotification(): void {
-    if (!this.eventIdx) Atomics.store(this.used16, 0, USED_F_NO_NOTIFY);
+    // Once: the runner calls this on every pass, and each store would pull the line of used idx, which a polling
+    // driver keeps reading, back to this CPU. A plain store: it is a hint, and orders nothing.
+    if (this.eventIdx || this.kicksOff) return;
+    this.kicksOff = true;
+    this.used16[0] = USED_F_NO_NOTIFY;
   }
 
   /**
@@ -339,6 +345,7 @@ export class SplitQueue implements RingQueue {
    * there is more work: keep processing instead of sleeping, or a kick may be lost.
    */
   enableNotification(): boolean {
+    this.kicksOff = false;
     if (this.eventIdx) Atomics.store(this.used16, 2 + 4 * this.size, this.lastAvailIdx);
     else Atomics.store(this.used16, 0, 0);
     return this.hasAvailable();

@@ -386,6 +386,16 @@ describe('packed queue: notifications', () => {
     expect(driver.publish()).toBe(false);
     expect(queue.enableNotification()).toBe(false);
     expect(deviceArea[1]).toBe(RING_EVENT_FLAGS_ENABLE);
+    // Off again after an enable; a repeated disable stores nothing (the runner calls it on every pass): flags
+    // changed behind its back stay so.
+    queue.disableNotification();
+    expect(deviceArea[1]).toBe(RING_EVENT_FLAGS_DISABLE);
+    deviceArea[1] = RING_EVENT_FLAGS_ENABLE;
+    queue.disableNotification();
+    expect(deviceArea[1]).toBe(RING_EVENT_FLAGS_ENABLE);
+    queue.enableNotification();
+    queue.disableNotification();
+    expect(deviceArea[1]).toBe(RING_EVENT_FLAGS_DISABLE);
   });
 
   it('EVENT_IDX: notifies only when the used index passes the driver’s event offset, across the wrap', () => {

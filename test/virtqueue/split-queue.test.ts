@@ -404,7 +404,7 @@ describe('split queue: notifications', () => {
   });
 
   it('without EVENT_IDX: honours NO_INTERRUPT and sets NO_NOTIFY while busy', () => {
-    const { driver, alloc, queue } = setup();
+    const { driver, alloc, queue, cfg, bytes } = setup();
     const buf = alloc.alloc(8);
     driver.add1(buf, 8, false);
     driver.publish();
@@ -420,5 +420,16 @@ describe('split queue: notifications', () => {
     expect(queue.enableNotification()).toBe(false);
     driver.add1(buf, 8, false);
     expect(driver.publish()).toBe(true);
+    // Off again after an enable; and a repeated disable stores nothing (the runner calls it on every pass): the
+    // flags cleared behind its back stay cleared, which shows no second store pulled the line over.
+    queue.disableNotification();
+    expect(driver.publish()).toBe(false);
+    const usedFlags = new Uint16Array(bytes.buffer, cfg.usedAddr - MEM_BASE, 1);
+    usedFlags[0] = 0;
+    queue.disableNotification();
+    expect(usedFlags[0]).toBe(0);
+    expect(queue.enableNotification()).toBe(true); // the chain added above is there
+    queue.disableNotification();
+    expect(usedFlags[0]).toBe(1);
   });
 });
