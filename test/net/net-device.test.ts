@@ -190,7 +190,7 @@ describe('net device', () => {
     const b = await port({ backend: { kind: 'switch', name: 'burst-sw' }, mac: new Uint8Array(macB) });
     for (let i = 0; i < 100; i++) b.rx.add({ writable: [2048] });
     b.rx.kick();
-    // 40 frames (a burst of 32 and 8 more), then a descriptor outside guest memory, all in one kick.
+    // 40 frames (more than two bursts), then a descriptor outside guest memory, all in one kick.
     const frames = Array.from({ length: 40 }, (_, i) => ethFrame(macB, macA, 60 + i, i));
     for (const f of frames) a.tx.add({ readable: [withHeader(f)] });
     a.tx.driver.addRaw([[0x7f0000000000, 64, 0]]);

@@ -371,7 +371,10 @@ function receiveHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release:
   };
 }
 
-/** Frames forwarded between flushes of the backend and publishes of the transmit queue (DPDK's burst size). */
+/**
+ * Frames forwarded between flushes of the backend and publishes of the transmit queue (DPDK's burst size), unless
+ * the port says otherwise (PortBackend.burst).
+ */
 const TX_BURST = 32;
 
 /**
@@ -402,6 +405,7 @@ function transmitHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release
   const port = pair.port!;
   const announce = announcer(ctx.options, ctx.queueIndex >> 1, pair);
   const burst: DescriptorChain[] = [];
+  const burstSize = port.burst ?? TX_BURST;
   const readsFrames = port.readsFrames ?? true;
   return {
     process(queue: Virtqueue) {
@@ -410,7 +414,7 @@ function transmitHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release
         let n = 0;
         let bad: unknown = null;
         try {
-          while (n < TX_BURST) {
+          while (n < burstSize) {
             const c = queue.pop();
             if (c === null) break;
             burst[n++] = c;
@@ -442,7 +446,7 @@ function transmitHandler(ctx: QueueContext<NetQueueOptions>, pair: Pair, release
         }
         port.flush();
         if (bad !== null) throw bad;
-        if (n < TX_BURST) return;
+        if (n < burstSize) return;
         // A long run is handed on in bursts: the receivers (and the sender's freed buffers) get the first frames
         // while the rest are still being forwarded, instead of all at the end.
         ctx.publish();

@@ -27,6 +27,8 @@ export interface PortHooks {
 }
 
 export interface PortBackend {
+  /** Frames transmitted between flushes and publishes of the transmit queue. Default TX_BURST (32, DPDK's). */
+  readonly burst?: number;
   /** False: transmit() never reads the frame's bytes (a sink), so they need not be brought into cache. Default true. */
   readonly readsFrames?: boolean;
   /** False: the receive queue needs no kicks (frames are delivered as they arrive, or dropped). Default true. */
