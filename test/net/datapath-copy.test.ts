@@ -85,6 +85,21 @@ describe('receive copy', () => {
     }
   });
 
+  it('the source hands its frames on every 32 during a long pass, not only at its end', () => {
+    const r = receiver();
+    const seen: number[] = [];
+    const publishRx = () => {
+      r.queue.publish();
+      seen.push(r.driver.usedIdx());
+    };
+    const source = openPort({ kind: 'source', frameSize: 64 }, { rx: () => r.rx, stats: new Float64Array(8), publishRx } as unknown as PortHooks);
+    for (let i = 0; i < RING; i++) r.driver.add1(BASE + RX_AREA + 128 * i, 128, true);
+    r.driver.publish();
+    source.rxReady();
+    // What the driver could see at each publish: the first 32 frames while the next were still to be filled.
+    expect(seen).toEqual([32, 64]);
+  });
+
   it('the source sends each frame from the copy aligned as the last buffer was, and every buffer gets the frame whole', () => {
     const r = receiver();
     const stats = new Float64Array(8);

@@ -109,6 +109,13 @@ class SinkPort implements PortBackend {
   close(): void {}
 }
 
+/**
+ * Frames the source delivers between publishes of the receive queue (DPDK's burst). Measured in the DPDK loop
+ * (testpmd rxonly) against publishing once at the end of a pass, both in one process, switched every 100 ms:
+ * +7 to +9% with --poll-us 200, +39 to +52% without (every 16: +4 to +8%, every 64: +6 to +10%, polling).
+ */
+const SOURCE_BURST = 32;
+
 /** Fills every receive buffer the guest posts with a generated UDP broadcast frame of a fixed size. */
 class SourcePort implements PortBackend {
   /**
@@ -146,7 +153,7 @@ class SourcePort implements PortBackend {
     if (!rx) return;
     const s = this.hooks.stats;
     const len = this.frames[0].length;
-    for (;;) {
+    for (let sent = 1; ; sent++) {
       const k = rx.lastAlign;
       const r = rx.deliver(this.frames[k], this.packets[k], 0);
       if (r !== 'delivered') {
@@ -155,6 +162,9 @@ class SourcePort implements PortBackend {
       }
       s[3]++;
       s[4] += len;
+      // Handed on in bursts, not all at the end: the guest takes the first frames (and posts their buffers again)
+      // while the rest are being filled.
+      if (sent % SOURCE_BURST === 0) this.hooks.publishRx();
     }
   }
 
