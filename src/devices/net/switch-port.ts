@@ -34,7 +34,7 @@ export class SwitchPort implements PortBackend, SwitchMember {
   /**
    * Half DPDK's burst: the receiving guest gets each half sooner and works on it while the rest are forwarded.
    * Measured in the two-port DPDK loop with 16 and 32 in one process, switched every 100 ms: +19 to +26% without
-   * polling, +1 to +9% with --poll-us 200 (8, 12 and 24 did worse polling; the sink loses 2 to 6% at 16, so the
+   * polling, +0 to +9% with --poll-us 200 (8, 12 and 24 did worse polling; the sink loses 2 to 6% at 16, so the
    * other ports keep 32).
    */
   readonly burst = 16;
