@@ -11,6 +11,7 @@ const thread = { watch: () => ({ close() {} }), log() {} } as unknown as ThreadC
 class Member implements SwitchMember {
   readonly got: string[] = [];
   readonly claims: [number, number][] = [];
+  published = 0;
   claimWrites(count: number, bytes: number): void {
     this.claims.push([count, bytes]);
   }
@@ -18,7 +19,9 @@ class Member implements SwitchMember {
     this.got.push(Array.from({ length: 12 }, (_, i) => frame.byteAt(i).toString(16)).join(''));
     return true;
   }
-  publish(): void {}
+  publish(): void {
+    this.published++;
+  }
 }
 
 const mac = (last: number) => [0x52, 0x54, 0, 0, 0, last];
@@ -91,6 +94,30 @@ describe('forwarder', () => {
     expect(claimed()).toEqual([[], [], [[8, 256]]]);
     f.prepare(3, 4, 76);
     expect(claimed()).toEqual([[[4, 76]], [], []]);
+    f.close();
+  });
+
+  it('each receiver is published once per flush, again after the next burst, and never once it left the switch', () => {
+    const { f, p1, p2, p3 } = threePorts('fwd-test-4');
+    const published = () => [p1, p2, p3].map((p) => p.published);
+    const A = mac(0xa);
+    const B = mac(0xb);
+    for (let i = 0; i < 3; i++) f.forward(1, frame(B, A), null); // flooded to 2 and 3
+    f.flush();
+    expect(published()).toEqual([0, 1, 1]);
+    f.flush();
+    expect(published()).toEqual([0, 1, 1]); // nothing new
+    f.forward(1, frame(B, A), null);
+    f.flush();
+    expect(published()).toEqual([0, 2, 2]);
+    f.forward(1, frame(B, A), null);
+    f.detach(3);
+    f.flush();
+    expect(published()).toEqual([0, 3, 2]);
+    f.attach(3, p3);
+    f.forward(1, frame(B, A), null);
+    f.flush();
+    expect(published()).toEqual([0, 4, 3]);
     f.close();
   });
 });

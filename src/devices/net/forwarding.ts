@@ -38,7 +38,14 @@ export class Forwarder {
   private readonly members: (SwitchMember | null)[] = [];
   /** The attached ports' numbers, for flooding. */
   private readonly attached: number[] = [];
+  /**
+   * The members delivered to since the last flush: dirty[0 .. dirtyCount), their ports in dirtyPorts. Counted, not
+   * emptied with `length = 0`, which gives the array's storage back and makes the next burst's push allocate it
+   * again (in the two-port DPDK loop, +5 to +9% frames with the count).
+   */
   private readonly dirty: SwitchMember[] = [];
+  private readonly dirtyPorts: number[] = [];
+  private dirtyCount = 0;
   private readonly isDirty: boolean[] = [];
   private now = Date.now();
   /** The sender learned last in this batch (learnedHi -1: none). */
@@ -87,8 +94,17 @@ export class Forwarder {
     if (!m) return;
     this.members[port] = null;
     this.attached.splice(this.attached.indexOf(port), 1);
-    const d = this.dirty.indexOf(m);
-    if (d >= 0) this.dirty.splice(d, 1);
+    // Rare: the dirty list is rebuilt without m, and cut to its count so that no slot keeps the member alive.
+    let k = 0;
+    for (let i = 0; i < this.dirtyCount; i++) {
+      if (this.dirty[i] === m) continue;
+      this.dirtyPorts[k] = this.dirtyPorts[i];
+      this.dirty[k++] = this.dirty[i];
+    }
+    this.dirtyCount = k;
+    this.dirty.length = k;
+    this.dirtyPorts.length = k;
+    this.isDirty[port] = false;
     this.table.forgetPort(port);
     this.forgetRecent();
   }
@@ -180,11 +196,14 @@ export class Forwarder {
 
   /** Make what was delivered so far visible to its receivers: each published (and notified) once. */
   flush(): void {
+    const n = this.dirtyCount;
+    if (n === 0) return;
     const d = this.dirty;
-    if (d.length === 0) return;
-    for (let i = 0; i < d.length; i++) d[i].publish();
-    d.length = 0;
-    this.isDirty.fill(false);
+    for (let i = 0; i < n; i++) {
+      d[i].publish();
+      this.isDirty[this.dirtyPorts[i]] = false;
+    }
+    this.dirtyCount = 0;
   }
 
   /** End of the thread's batch: the receivers published; the clock and the uplink looked at. */
@@ -207,7 +226,8 @@ export class Forwarder {
     }
     if (!this.isDirty[port]) {
       this.isDirty[port] = true;
-      this.dirty.push(m);
+      this.dirtyPorts[this.dirtyCount] = port;
+      this.dirty[this.dirtyCount++] = m;
     }
   }
 
