@@ -41,6 +41,13 @@ export const VIRTIO_RING_F_EVENT_IDX = 29;
 export const VIRTIO_F_VERSION_1 = 32;
 /** Packed virtqueues (virtio 1.2 §2.8): offered for every device; the frontend decides (QEMU: `packed=on`). */
 export const VIRTIO_F_RING_PACKED = 34;
+/**
+ * The device returns every chain of every queue in the order it took them (virtio 1.2 §2.7.9, §2.8.9). Not in
+ * FRAMEWORK_FEATURES: a device offers it in its own `features` only when that holds for all its queues (net does;
+ * blk, whose requests complete out of order, does not). A driver that knows it takes simpler paths: DPDK's virtio
+ * PMD negotiates it by default, as DPDK's own vhost back-end offers it.
+ */
+export const VIRTIO_F_IN_ORDER = 35;
 
 export const bit = (n: number): bigint => 1n << BigInt(n);
 

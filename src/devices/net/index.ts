@@ -22,6 +22,7 @@ import {
   type ThreadContext,
   type ThreadHandler,
   type VhostUserDevice,
+  VIRTIO_F_IN_ORDER,
 } from '../../vhost/device.js';
 import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import { handleControl } from './control.js';
@@ -164,7 +165,10 @@ export function netDevice(opts: NetOptions): NetDevice {
     bit(VIRTIO_NET_F_GUEST_ECN) |
     bit(VIRTIO_NET_F_CTRL_VQ) |
     bit(VIRTIO_NET_F_CTRL_RX) |
-    bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
+    bit(VIRTIO_NET_F_CTRL_MAC_ADDR) |
+    // Every queue hands its chains back in the order it took them: a frame is pushed (or unpopped) before the next
+    // pop, whichever the port. DPDK guests then use their in-order paths, as they do with DPDK's vhost.
+    bit(VIRTIO_F_IN_ORDER);
   if (pairs > 1) features |= bit(VIRTIO_NET_F_MQ);
   const switchPort = opts.backend.kind === 'switch' ? joinSwitch(opts.backend.name).addPort(() => `port of ${formatMac(macBytes)}`) : null;
   const groups = Array.from({ length: pairs }, (_, k) => [2 * k, 2 * k + 1]);
