@@ -119,26 +119,20 @@ const SOURCE_BURST = 32;
 /** Fills every receive buffer the guest posts with a generated UDP broadcast frame of a fixed size. */
 class SourcePort implements PortBackend {
   /**
-   * A zero virtio-net header and the frame, one run (each delivery is one copy), eight times: packets[k] starts
-   * k bytes past an 8-byte boundary, and frames[k] is its frame. A copy goes 8 bytes a store only between equal
-   * alignments, and a guest's buffers mostly share theirs (DPDK's start 4 bytes past one): each frame is sent
-   * from the copy whose alignment the last receive buffer had.
+   * A zero virtio-net header and the frame, one view of exactly those bytes: the receive side copies such a view
+   * with one set() (see RxQueue.deliver), and `frame` is its frame.
    */
-  private readonly packets: Uint8Array[] = [];
-  private readonly frames: BytesFrame[] = [];
+  private readonly packet: Uint8Array;
+  private readonly frame: BytesFrame;
 
   constructor(
     private readonly hooks: PortHooks,
     size: number,
   ) {
     if (size < 60 || size > 65535) throw new RangeError(`source frame size ${size}: 60 to 65535`);
-    const frame = sourceFrame(size);
-    for (let k = 0; k < 8; k++) {
-      const packet = new Uint8Array(new ArrayBuffer(8 + NET_HDR_SIZE + size), k, NET_HDR_SIZE + size);
-      packet.set(frame, NET_HDR_SIZE);
-      this.packets.push(packet);
-      this.frames.push(new BytesFrame().set(packet, size, NET_HDR_SIZE));
-    }
+    this.packet = new Uint8Array(NET_HDR_SIZE + size);
+    this.packet.set(sourceFrame(size), NET_HDR_SIZE);
+    this.frame = new BytesFrame().set(this.packet, size, NET_HDR_SIZE);
   }
 
   readonly readsFrames = false;
@@ -152,10 +146,9 @@ class SourcePort implements PortBackend {
     const rx = this.hooks.rx();
     if (!rx) return;
     const s = this.hooks.stats;
-    const len = this.frames[0].length;
+    const len = this.frame.length;
     for (let sent = 1; ; sent++) {
-      const k = rx.lastAlign;
-      const r = rx.deliver(this.frames[k], this.packets[k], 0);
+      const r = rx.deliver(this.frame, this.packet, 0);
       if (r !== 'delivered') {
         if (r === 'too-big') s[5]++;
         return;
