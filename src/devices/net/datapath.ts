@@ -247,21 +247,22 @@ export class RxQueue {
       if (s < c.count && c.segLength[s] >= total) {
         const buf = c.memory.buffers[c.segBuffer[s]];
         const off = c.segOffset[s];
-        if (hb === frame.headBuf && ho + NET_HDR_SIZE === frame.headOff && frame.headLen === frame.length) {
-          // Header and frame one contiguous run in the sender's buffer: one copy for both, the widest way.
+        // Header and frame one contiguous run in the sender's buffer: one copy for both, the widest way.
+        const oneRun = hb === frame.headBuf && ho + NET_HDR_SIZE === frame.headOff && frame.headLen === frame.length;
+        if (oneRun && ho === 0 && hb.length === total) {
+          // The sender handed a view of exactly the header and the frame (the source's packet): one set(), a
+          // memmove with a few wide stores. The stores into the guest's buffers are what the receive loop waits
+          // on (in the DPDK loop with testpmd rxonly, leaving the frame's bytes out made it 40 to 50% faster), and
+          // memmove needs fewer than our 8-byte loop: against it, in one process, +15 to +19%. Other senders would
+          // need a view made per frame, which costs more than it saves (the switch: -11 to -15%).
+          buf.set(hb, off);
+        } else if (oneRun) {
           const b = c.segBuffer[s];
           const dAbs = c.memory.byteOffsetOf(b) + off;
           const sAbs = frame.headBase + ho;
           const doubles = frame.headDoubles;
           const words = frame.headWords;
-          if (ho === 0 && hb.length === total) {
-            // The sender handed a view of exactly the header and the frame (the source's packet): one set(), a
-            // memmove with a few wide stores. The stores into the guest's buffers are what the receive loop waits
-            // on (in the DPDK loop with testpmd rxonly, leaving the frame's bytes out made it 40 to 50% faster), and
-            // memmove needs fewer than our 8-byte loop: against it, in one process, +15 to +19%. Other senders would
-            // need a view made per frame, which costs more than it saves (the switch: -11 to -15%).
-            buf.set(hb, off);
-          } else if (doubles !== null && total <= DOUBLE_COPY_MAX && ((dAbs ^ sAbs) & 7) === 0) {
+          if (doubles !== null && total <= DOUBLE_COPY_MAX && ((dAbs ^ sAbs) & 7) === 0) {
             copyDoubles(buf, off, c.memory.doubles(b), dAbs, hb, ho, doubles, sAbs, total);
           } else if (words !== null && total <= WORD_COPY_MAX && ((dAbs | sAbs) & 3) === 0) {
             copyWords(c.memory.words32(b), dAbs >>> 2, words, sAbs >>> 2, total >>> 2);
