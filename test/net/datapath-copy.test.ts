@@ -1,6 +1,7 @@
 // The receive side's copy, at every size and relative alignment it chooses a different way for (a byte, 4 or 8
-// bytes a store, set() of a view, set() of the sender's own exact view), with frames full of NaN bit patterns: 8 bytes a store goes through a
-// Float64Array, which must move them unchanged. Enough rounds that V8 optimises the copy, as it does in service.
+// bytes a store, set() of a view, set() of the sender's own exact view), with frames full of NaN bit patterns: 8
+// bytes a store goes through a Float64Array, which must move them unchanged. Enough rounds that V8 optimises the
+// copy, as it does in service.
 import { randomFillSync } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { BytesFrame, ChainFrame, RxQueue } from '../../src/devices/net/datapath.js';
@@ -81,7 +82,7 @@ describe('receive copy', () => {
           const backing = new Uint8Array(packet.length + 16);
           backing.set(packet, srcSkew);
           check(packet, new BytesFrame().set(backing, size, srcSkew + NET_HDR_SIZE), backing, srcSkew, dstSkew);
-          // ... a view of exactly the header and the frame (the source's packets: one set()) ...
+          // ... a view of exactly the header and the frame (the source's packet: one set()) ...
           const exact = backing.subarray(srcSkew, srcSkew + packet.length);
           check(packet, new BytesFrame().set(exact, size, NET_HDR_SIZE), exact, 0, dstSkew);
           // ... and another guest's transmit chain, read in place.

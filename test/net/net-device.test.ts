@@ -18,7 +18,7 @@ import {
 } from '../../src/devices/net/spec.js';
 import { findSwitch } from '../../src/devices/net/switch.js';
 import { VhostUserFrontend, type TestQueue } from '../../src/frontend/index.js';
-import { VhostUserServer, VIRTIO_F_IN_ORDER, type Logger } from '../../src/vhost/index.js';
+import { bit, VhostUserServer, VIRTIO_F_IN_ORDER, type Logger } from '../../src/vhost/index.js';
 
 const quiet: Logger = { info() {}, warn() {}, error() {} };
 const ALL = (1n << 64n) - 1n;
@@ -125,7 +125,7 @@ describe('net device', () => {
 
   it('VIRTIO_F_IN_ORDER is offered and holds: chains come back in the order they were made available, a frame split across several and a dropped one too', async () => {
     const src = await port({ backend: { kind: 'source', frameSize: 200 } });
-    expect(src.dev.features & (1n << BigInt(VIRTIO_F_IN_ORDER))).not.toBe(0n);
+    expect(src.dev.features & bit(VIRTIO_F_IN_ORDER)).not.toBe(0n);
     // 212 bytes a frame: 64 + 148 of 2048; 64 + 64 + 64 + 20 of 300; 2048; then a lone 64 waits for more.
     const posted = [64, 2048, 64, 64, 64, 300, 2048, 64].map((n) => src.rx.add({ writable: [n] }));
     src.rx.kick();
