@@ -152,6 +152,8 @@ export interface ForwardStats {
 export class TestpmdStats {
   readonly blocks: StatsBlock[] = [];
   readonly forward: ForwardStats[] = [];
+  /** How many times an interactive `stop` has finished ("Done." after its forward statistics). */
+  stopped = 0;
   private cur: Partial<StatsBlock> | undefined;
   private fwd: Partial<ForwardStats> | undefined;
   private waiters: (() => void)[] = [];
@@ -168,6 +170,11 @@ export class TestpmdStats {
   private line(raw: string, t: number): void {
     const line = raw.replace(/\x1b\[[0-9;]*[A-Za-z]/g, '');
     let m: RegExpExecArray | null;
+    if (/^Done\.\s*$/.test(line)) {
+      this.stopped++;
+      this.wake();
+      return;
+    }
     if ((m = /NIC statistics for port (\d+)/.exec(line))) {
       this.cur = { port: Number(m[1]) };
       return;
@@ -208,9 +215,14 @@ export class TestpmdStats {
   }
 
   /** Resolves when a block beyond the first `count` has arrived, or the process exited, or after timeoutMs. */
-  async waitForBlocks(count: number, timeoutMs: number, proc: Proc): Promise<boolean> {
+  waitForBlocks(count: number, timeoutMs: number, proc: Proc): Promise<boolean> {
+    return this.waitUntil(() => this.blocks.length >= count, timeoutMs, proc);
+  }
+
+  /** Resolves true once `done()` holds (checked after each block or stop), false if the process exits or time runs out. */
+  async waitUntil(done: () => boolean, timeoutMs: number, proc: Proc): Promise<boolean> {
     const deadline = performance.now() + timeoutMs;
-    while (this.blocks.length < count) {
+    while (!done()) {
       const left = deadline - performance.now();
       if (left <= 0 || !proc.running) return false;
       await within(new Promise<void>((r) => this.waiters.push(r)), left);

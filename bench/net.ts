@@ -1,5 +1,5 @@
 /**
- * npm run bench:net [-- --json] [--quick] [--reps N] [--seconds S] [--warmup S] [--dpdk-only]
+ * npm run bench:net [-- --json] [--quick] [--method turns|fresh] [--rounds N] [--reps N] [--warmup S] [--dpdk-only]
  *
  * virtio-net over vhost-user with no VM: DPDK's virtio-user PMD in dpdk-testpmd is the frontend (the guest's
  * driver) and either vhost-ts (`vhost-ts net --backend sink|source`) or DPDK's own vhost PMD (net_vhost in a second
@@ -9,9 +9,12 @@
  *   receive:  backend source (vhost-ts) / txonly (DPDK) fills every receive buffer -> frontend rxonly
  *
  * 64- and 1518-byte frames. Packets are counted at the frontend (its port's TX or RX counter), the same program for
- * both backends, over a window after a warm-up, from testpmd's periodic statistics. The backend runs on one CPU and
- * the frontend on another (taskset, and testpmd's lcores on that CPU), one backend at a time, fresh processes for
- * every run; the side that goes first alternates, each case is repeated and the medians compared within this run.
+ * both backends. The backend runs on one CPU and the frontend on another (taskset, and testpmd's lcores on that
+ * CPU), one backend at a time. By default every side of a case (vhost-ts, DPDK) is set up once and the sides run
+ * in turns of half a second, driven through testpmd's interactive commands (start, show port stats, stop), the
+ * order reversed each round: this host's rates move by up to 2x with phases of seconds, and a side's ratio is
+ * taken within a round, the median over the rounds reported. `--method fresh` starts fresh processes for every
+ * run instead (a warm-up, then a window counted from testpmd's periodic statistics), the medians compared.
  *
  * Until `vhost-ts net` exists (or with --dpdk-only) the vhost-ts column is DPDK's vhost PMD again, which proves the
  * plumbing and shows the noise of the method: the ratio should be 1.
@@ -39,14 +42,20 @@ import {
   windowBetween,
   type Command,
   type Proc,
+  type StatsBlock,
 } from './net-procs.js';
 
 const usage = `usage: npm run bench:net [-- options]
   --json               print one JSON object {"bench":"net","results":[...]} instead of the table
   --quick              smoke run: 1 repetition (unless --reps), 1 s warm-up, 2 s window
-  --reps N             repetitions per case and backend (default 3); the median is reported
-  --seconds S          measured window per run, whole seconds (default 5)
-  --warmup S           seconds of traffic before the window starts (default 2)
+  --method M           turns (default): every backend of a case and its frontend set up once and run in turns
+                       (testpmd's interactive start and stop), the order reversed each round, the ratio the
+                       median of the rounds' ratios; fresh: new processes for every run, --reps runs a side
+  --rounds N           turns: rounds (default 20; 4 with --quick)
+  --turn-ms N          turns: milliseconds counted per turn (default 500), after 200 ms of traffic
+  --reps N             fresh: repetitions per case and backend (default 3); the median is reported
+  --seconds S          fresh: measured window per run, whole seconds (default 5)
+  --warmup S           seconds of traffic before the window starts (default 2; turns: once per backend)
   --frame-sizes LIST   comma-separated frame sizes in bytes (default 64,1518)
   --cases LIST         transmit,receive,switch (default transmit,receive); switch: one testpmd with two
                        virtio-user ports in io-forward mode (--tx-first) through a two-port backend, vhost-ts
@@ -78,6 +87,9 @@ const { values: opts } = parseArgs({
     'dpdk-only': { type: 'boolean' },
     retries: { type: 'string' },
     'max-others': { type: 'string' },
+    method: { type: 'string' },
+    rounds: { type: 'string' },
+    'turn-ms': { type: 'string' },
     'vhost-ts': { type: 'string' },
     'backend-cpu': { type: 'string' },
     'poll-us': { type: 'string' },
@@ -106,6 +118,16 @@ function wholeNumber(text: string | undefined, flag: string, fallback: number, m
 const json = opts.json === true;
 const packed = opts.packed === true;
 const quick = opts.quick === true;
+const method = opts.method ?? 'turns';
+if (method !== 'turns' && method !== 'fresh') {
+  console.error(`--method takes turns or fresh, not "${method}"\n${usage}`);
+  process.exit(2);
+}
+const inTurns = method === 'turns';
+const rounds = wholeNumber(opts.rounds, '--rounds', quick ? 4 : 20, 1);
+const turnMs = wholeNumber(opts['turn-ms'], '--turn-ms', 500, 50);
+// Traffic before each turn is counted: the pipeline refills after its pause (rings, the JIT's code is warm).
+const SETTLE_MS = 200;
 const reps = wholeNumber(opts.reps, '--reps', quick ? 1 : 3, 1);
 const windowSeconds = wholeNumber(opts.seconds, '--seconds', quick ? 2 : 5, 1);
 const warmupSeconds = wholeNumber(opts.warmup, '--warmup', quick ? 1 : 2, 0);
@@ -294,11 +316,21 @@ let pinning: { backend: number; client: number } | undefined;
 let candidateIsVhostTs = false;
 let runCounter = 0;
 
-/** testpmd's EAL and forwarding options shared by both roles (DESIGN.md §6); both lcores on one CPU. */
+/**
+ * testpmd's EAL and forwarding options shared by both roles (DESIGN.md §6); both lcores on one CPU. In turns,
+ * interactive (commands on stdin), its stdout line-buffered by stdbuf: into a pipe, stdio would hold the statistics
+ * a command prints until its buffer filled.
+ */
 function testpmd(cpu: number, prefix: string, vdevs: string[], forward: string[]): Command {
+  const mode = inTurns
+    ? // --no-flush-rx: each start would otherwise drop what waits in the RX queues, the switch loop's frames too.
+      ['-i', '--no-flush-rx']
+    : // Statistics every second, flushed per block; also keeps testpmd from reading stdin (it exits at EOF without).
+      ['--auto-start', '--stats-period', '1'];
   return {
-    file: testpmdPath,
+    file: inTurns ? 'stdbuf' : testpmdPath,
     args: [
+      ...(inTurns ? ['-oL', testpmdPath] : []),
       `--lcores=0@${cpu},1@${cpu}`,
       '--no-pci',
       '--no-huge',
@@ -308,13 +340,10 @@ function testpmd(cpu: number, prefix: string, vdevs: string[], forward: string[]
       ...vdevs.flatMap((v) => ['--vdev', v]),
       '--',
       ...forward,
-      '--auto-start',
+      ...mode,
       '--nb-cores=1',
       '--total-num-mbufs=32768',
       '--no-mlockall',
-      // Statistics every second, flushed per block; also keeps testpmd from reading stdin (it exits at EOF without).
-      '--stats-period',
-      '1',
     ],
   };
 }
@@ -325,8 +354,9 @@ function frontendCommand(c: Case, sockets: string[], prefix: string): Command {
       ? ['--forward-mode=txonly', `--txpkts=${c.frameSize}`]
       : c.direction === 'receive'
         ? ['--forward-mode=rxonly']
-        : // The loop: a first burst on each port, then every frame received on one port is sent on the other.
-          ['--forward-mode=io', '--tx-first', `--txpkts=${c.frameSize}`];
+        : // The loop: a first burst on each port, then every frame received on one port is sent on the other (in
+          // turns, the first `start tx_first` sends that burst).
+          ['--forward-mode=io', ...(inTurns ? [] : ['--tx-first']), `--txpkts=${c.frameSize}`];
   const vdevs = sockets.map((s, i) => `net_virtio_user${i},path=${s}${packed ? ',packed_vq=1' : ''}`);
   return pinned(testpmd(pinning?.client ?? 0, prefix, vdevs, forward), pinning?.client);
 }
@@ -518,6 +548,180 @@ async function runOnce(c: Case, side: Side, rep: number): Promise<Run> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Turns: every side's backend and frontend live at once, idle but for the one whose turn it is.
+//
+// This host's cache-line transfer between the two vCPUs takes ~60 ns for some seconds and ~280 ns for others, and
+// a loop's rate follows it: runs seconds apart can fall in different phases. Turns of half a second, the sides one
+// after the other and the order reversed each round, put both sides of a round in (mostly) the same phase; the
+// median of the rounds' ratios is what a side is worth against the other.
+
+/** One side's processes, set up for a case and run in turns through testpmd's interactive commands. */
+interface Pair {
+  side: Side;
+  backend: Proc;
+  frontend: Proc;
+  stats: TestpmdStats;
+  /** DPDK's vhost PMD in its own interactive testpmd; undefined for vhost-ts, which serves whenever kicked. */
+  backendStats: TestpmdStats | undefined;
+  sockets: string[];
+  prefixes: string[];
+  /** The switch loop's first start sends a burst on each port (`start tx_first`); later starts resume. */
+  started: boolean;
+}
+
+async function setUpPair(c: Case, side: Side): Promise<Pair> {
+  const n = runCounter++;
+  const sockets = Array.from({ length: c.direction === 'switch' ? 2 : 1 }, (_, i) => path.join(tempDir!, `net-${n}-${i}.sock`));
+  const backendPrefix = `vhost-ts-bench-net-${process.pid}-${n}b`;
+  const frontendPrefix = `vhost-ts-bench-net-${process.pid}-${n}f`;
+  const useVhostTs = side !== 'dpdk' && candidateIsVhostTs;
+  const backendCmd = useVhostTs ? vhostTsCommand(c, sockets, side) : dpdkBackendCommand(c, sockets, backendPrefix);
+  const prefixes = useVhostTs ? [frontendPrefix] : [backendPrefix, frontendPrefix];
+  for (const prefix of prefixes) runtimeDirs.add(dpdkRuntimeDir(prefix));
+  remember(`${c.direction} backend ${useVhostTs ? sideLabel(side) : 'DPDK'}`, backendCmd, sockets, useVhostTs ? undefined : backendPrefix);
+  const backend = procs.start(`${sideLabel(side)} backend`, backendCmd, { ...TESTPMD_STOP, input: !useVhostTs });
+  const backendStats = useVhostTs ? undefined : new TestpmdStats(backend);
+  let frontend: Proc | undefined;
+  try {
+    for (const socket of sockets) await waitForSocketFile(backend, socket, useVhostTs ? 60_000 : 30_000);
+    // bind() creates the file before listen(): give the backend a moment before the frontend connects.
+    await sleep(200);
+    const frontendCmd = frontendCommand(c, sockets, frontendPrefix);
+    remember(`${c.direction} frontend`, frontendCmd, sockets, frontendPrefix);
+    frontend = procs.start(`testpmd frontend (virtio-user) of ${sideLabel(side)}`, frontendCmd, { ...TESTPMD_STOP, input: true });
+    const pair: Pair = { side, backend, frontend, stats: new TestpmdStats(frontend), backendStats, sockets, prefixes, started: false };
+    // Its ports are up once it answers a command (it reads stdin only after setting them up).
+    await showStats(c, pair, 60_000);
+    return pair;
+  } catch (e) {
+    await stopQuietly(frontend);
+    await stopQuietly(backend);
+    throw e;
+  }
+}
+
+function pairFailure(c: Case, p: Pair, what: string): RunFailure {
+  return new RunFailure(`${c.name}, ${sideLabel(p.side)}: ${what}\n${p.frontend.describe()}\n${p.backend.describe()}`);
+}
+
+/** `show port stats all`: one block per port, counters and the rate since the previous show. */
+async function showStats(c: Case, p: Pair, timeoutMs = 10_000): Promise<StatsBlock[]> {
+  const from = p.stats.blocks.length;
+  const ports = p.sockets.length;
+  p.frontend.send('show port stats all');
+  if (!(await p.stats.waitForBlocks(from + ports, timeoutMs, p.frontend))) {
+    throw pairFailure(c, p, `no port statistics from the frontend within ${timeoutMs / 1000} s of asking`);
+  }
+  return p.stats.blocks.slice(from, from + ports);
+}
+
+/** `stop` to an interactive testpmd, waiting for it to finish (its forward statistics, then "Done."). */
+async function stopForwarding(c: Case, p: Pair, proc: Proc, stats: TestpmdStats): Promise<void> {
+  const before = stats.stopped;
+  proc.send('stop');
+  if (!(await stats.waitUntil(() => stats.stopped > before, 10_000, proc))) throw pairFailure(c, p, `${proc.name} did not stop forwarding within 10 s`);
+}
+
+/**
+ * One turn: start the side's forwarding, let it settle, count `ms` milliseconds at the frontend, stop it. The
+ * consumer starts first and the producer stops first, so that neither end runs long against a stopped peer.
+ */
+async function turn(c: Case, p: Pair, round: number, ms: number): Promise<Run> {
+  const b = p.backendStats;
+  const frontendStart = c.direction === 'switch' && !p.started ? 'start tx_first' : 'start';
+  const backendFirst = c.direction !== 'receive';
+  if (b && backendFirst) p.backend.send('start');
+  p.frontend.send(frontendStart);
+  if (b && !backendFirst) p.backend.send('start');
+  p.started = true;
+  await sleep(SETTLE_MS);
+  const before = await showStats(c, p);
+  const meter = new OthersMeter([p.frontend.pid, p.backend.pid]);
+  meter.begin();
+  await sleep(ms);
+  const after = await showStats(c, p);
+  const cpu = meter.end();
+  if (b && !backendFirst) await stopForwarding(c, p, p.backend, b);
+  await stopForwarding(c, p, p.frontend, p.stats);
+  if (b && backendFirst) await stopForwarding(c, p, p.backend, b);
+  if (!p.backend.running) throw pairFailure(c, p, 'the backend exited');
+  const dir = c.direction === 'transmit' ? 'tx' : 'rx';
+  const perPort = before.map((a, i) => windowBetween([a, after[i]], 0, 1, dir));
+  const packets = perPort.reduce((sum, x) => sum + x.packets, 0);
+  if (packets <= 0) throw pairFailure(c, p, `no packets in round ${round + 1}'s turn`);
+  // Both ports' blocks come from one counter read: their intervals are the same.
+  const { seconds, wallSeconds } = perPort[0];
+  return {
+    side: p.side,
+    rep: round,
+    retried: 0,
+    mpps: packets / seconds / 1e6,
+    bytesPerPacket: perPort.reduce((sum, x) => sum + x.bytes, 0) / packets,
+    seconds,
+    wallSeconds,
+    perInterval: [packets / seconds / 1e6],
+    frontendCpu: cpu.procs[0],
+    backendCpu: cpu.procs[1],
+    othersCpu: cpu.others,
+  };
+}
+
+async function tearDownPair(p: Pair): Promise<void> {
+  // The frontend first: it disconnects cleanly (GET_VRING_BASE) while the backend is still there.
+  await stopQuietly(p.frontend);
+  await stopQuietly(p.backend);
+  for (const socket of p.sockets) fs.rmSync(socket, { force: true });
+  for (const prefix of p.prefixes) {
+    const dir = dpdkRuntimeDir(prefix);
+    fs.rmSync(dir, { recursive: true, force: true });
+    runtimeDirs.delete(dir);
+  }
+}
+
+async function measureInTurns(c: Case, index: number): Promise<Measured> {
+  const runs: Record<Side, Run[]> = { candidate: [], polled: [], dpdk: [] };
+  const failures: Measured['failures'] = [];
+  const pairs: Pair[] = [];
+  const fail = (side: Side, round: number, e: unknown) => {
+    if (interrupted || !(e instanceof RunFailure)) throw e;
+    failures.push({ side, rep: round, error: e.message });
+    log(`${c.name}${round >= 0 ? ` round ${round + 1}/${rounds}` : ''}: ${sideLabel(side)} FAILED: ${e.message}`);
+  };
+  try {
+    for (const side of sidesOf(c)) {
+      try {
+        const p = await setUpPair(c, side);
+        pairs.push(p);
+        // Warm-up, once: the JIT compiles vhost-ts's loops, the rings fill.
+        await turn(c, p, -1, warmupSeconds * 1000);
+      } catch (e) {
+        fail(side, -1, e);
+      }
+    }
+    for (let r = 0; r < rounds; r++) {
+      const order = (r + index) % 2 === 0 ? [...pairs] : [...pairs].reverse();
+      const line: string[] = [];
+      for (const p of order) {
+        if (!pairs.includes(p)) continue;
+        try {
+          const run = await turn(c, p, r, turnMs);
+          checkRun(c, run);
+          runs[p.side].push(run);
+          line.push(`${sideLabel(p.side)} ${run.mpps.toFixed(3)}`);
+        } catch (e) {
+          fail(p.side, r, e);
+          // A side whose processes broke sits out the remaining rounds.
+          pairs.splice(pairs.indexOf(p), 1);
+          await tearDownPair(p);
+        }
+      }
+      log(`${c.name} round ${r + 1}/${rounds}: ${line.join(', ')} Mpps`);
+    }
+  } finally {
+    for (const p of pairs) await tearDownPair(p);
+  }
+  return { case: c, runs, failures };
+}
 
 interface Measured {
   case: Case;
@@ -530,6 +734,28 @@ const median = (xs: number[]) => {
   const m = s.length >> 1;
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 };
+
+/** Linear-interpolated quantile q (0..1). */
+function quantile(xs: number[], q: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const at = (s.length - 1) * q;
+  const lo = Math.floor(at);
+  return s[lo] + (s[Math.min(lo + 1, s.length - 1)] - s[lo]) * (at - lo);
+}
+
+/** A side's rate over DPDK's in the same rep (fresh) or round (turns). */
+function pairedRatios(m: Measured, side: Side): number[] {
+  return m.runs[side].flatMap((r) => {
+    const other = m.runs.dpdk.find((x) => x.rep === r.rep);
+    return other ? [r.mpps / other.mpps] : [];
+  });
+}
+
+/** In turns, the median of the rounds' ratios (both sides of a round ran within a second or two); fresh: none. */
+function ratioOf(m: Measured, side: Side): number | undefined {
+  const xs = pairedRatios(m, side);
+  return inTurns && xs.length ? median(xs) : undefined;
+}
 
 const warnings: string[] = [];
 
@@ -645,7 +871,7 @@ async function main(): Promise<void> {
     })),
   );
   const measured: Measured[] = [];
-  for (const c of cases) measured.push(await measure(c, measured.length));
+  for (const c of cases) measured.push(await (inTurns ? measureInTurns : measure)(c, measured.length));
   if (measured.some((m) => m.failures.length > 0)) process.exitCode = 1;
 
   const candidate = candidateIsVhostTs ? 'vhost-ts' : 'DPDK (stand-in)';
@@ -655,14 +881,15 @@ async function main(): Promise<void> {
       if (m.runs[side].length === 0 || m.runs.dpdk.length === 0) continue;
       const v = median(m.runs[side].map((r) => r.mpps));
       const d = median(m.runs.dpdk.map((r) => r.mpps));
+      const ratio = ratioOf(m, side) ?? v / d;
       const suffix = (candidateIsVhostTs ? '' : ' (DPDK stand-in for vhost-ts)') + (side === 'polled' ? `, --poll-us ${switchPollUs}` : '');
-      results.push({ name: `${m.case.name}${suffix}`, value: v, unit: 'Mpps', reference: d, ratio: v / d });
+      results.push({ name: `${m.case.name}${suffix}`, value: v, unit: 'Mpps', reference: d, ratio });
       results.push({
         name: `${m.case.name}${suffix}, Gbit/s`,
         value: gbps(v, m.case.frameSize),
         unit: 'Gbit/s',
         reference: gbps(d, m.case.frameSize),
-        ratio: v / d,
+        ratio,
       });
     }
   }
@@ -670,10 +897,19 @@ async function main(): Promise<void> {
   const pinText = pinning
     ? `backend pinned to CPU ${pinning.backend}, testpmd frontend to CPU ${pinning.client} (taskset; testpmd lcores 0 and 1 on that CPU)`
     : 'unpinned (testpmd lcores 0 and 1 on CPU 0 in each process)';
+  const methodText = inTurns
+    ? [
+        `${pinText}; every side of a case set up once, run one at a time in turns (testpmd's interactive start/stop), the`,
+        `order reversed each round; ${rounds} rounds; per turn ${SETTLE_MS} ms of traffic, then ${turnMs} ms counted at the frontend (testpmd's`,
+        `own clock); ${warmupSeconds} s warm-up per side; rates: medians over the rounds; ratio = median over the rounds of ${candidate} / DPDK`,
+      ]
+    : [
+        `${pinText}; one backend at a time, fresh processes per run; ${reps} rep(s) per case and side, alternating which goes first;`,
+        `${warmupSeconds} s warm-up then a ${windowSeconds} s window counted at the frontend (testpmd's own clock); medians; ratio = ${candidate} / DPDK`,
+      ];
   const header = [
     `frontend: dpdk-testpmd (DPDK ${dpdkVersion}) with virtio-user; backends: ${candidate} vs DPDK's vhost PMD`,
-    `${pinText}; one backend at a time, fresh processes per run; ${reps} rep(s) per case and side, alternating which goes first;`,
-    `${warmupSeconds} s warm-up then a ${windowSeconds} s window counted at the frontend (testpmd's own clock); medians; ratio = ${candidate} / DPDK`,
+    ...methodText,
     `runs during which other processes used > ${(maxOthers * 100).toFixed(0)}% of a CPU repeated up to ${retries} time(s) (${measured.reduce((n, m) => n + [...m.runs.candidate, ...m.runs.dpdk].reduce((k, r) => k + r.retried, 0), 0)} repeated)`,
     `vhost-ts source: ${version}${candidateIsVhostTs ? '' : ' (not measured: vhost-ts net not available)'}`,
     ...[...commandLines].map(([k, v]) => `${k}: ${v}`),
@@ -697,9 +933,9 @@ async function main(): Promise<void> {
           dpdk: dpdkVersion,
           vhostTs: candidateIsVhostTs ? version : null,
           candidate: candidateIsVhostTs ? 'vhost-ts' : 'dpdk-vhost-pmd',
-          reps,
+          method,
+          ...(inTurns ? { rounds, turnMs, settleMs: SETTLE_MS } : { reps, windowSeconds }),
           warmupSeconds,
-          windowSeconds,
           retries,
           maxOthers,
           pinning: pinning ?? null,
@@ -719,7 +955,7 @@ async function main(): Promise<void> {
     );
     return;
   }
-  const rows = [['case', `${candidate} Mpps`, 'Gbit/s', 'CPU', 'DPDK Mpps', 'Gbit/s', 'CPU', 'ratio', 'ratio/rep min-max']];
+  const rows = [['case', `${candidate} Mpps`, 'Gbit/s', 'CPU', 'DPDK Mpps', 'Gbit/s', 'CPU', 'ratio', `ratio/${inTurns ? 'round quartiles' : 'rep min-max'}`]];
   // The backend's CPU use over the window (median), as a share of its one CPU.
   const cpuCell = (runs: Run[]) => {
     const xs = runs.flatMap((r) => (r.backendCpu === undefined ? [] : [r.backendCpu]));
@@ -730,10 +966,8 @@ async function main(): Promise<void> {
       if (side === 'polled' && m.runs.polled.length === 0 && !m.failures.some((f) => f.side === 'polled')) continue;
       const v = m.runs[side].length ? median(m.runs[side].map((r) => r.mpps)) : undefined;
       const d = m.runs.dpdk.length ? median(m.runs.dpdk.map((r) => r.mpps)) : undefined;
-      const perRep = m.runs[side].flatMap((r) => {
-        const other = m.runs.dpdk.find((x) => x.rep === r.rep);
-        return other ? [r.mpps / other.mpps] : [];
-      });
+      const perRep = pairedRatios(m, side);
+      const ratio = ratioOf(m, side) ?? (v !== undefined && d !== undefined ? v / d : undefined);
       const failed = (s: Side) => {
         const n = m.failures.filter((f) => f.side === s).length;
         return n ? ` (${n} failed)` : '';
@@ -746,8 +980,8 @@ async function main(): Promise<void> {
         d === undefined ? 'failed' : `${d.toFixed(3)}${failed('dpdk')}`,
         d === undefined ? '' : gbps(d, m.case.frameSize).toFixed(2),
         cpuCell(m.runs.dpdk),
-        v === undefined || d === undefined ? '' : (v / d).toFixed(2),
-        perRep.length ? `${Math.min(...perRep).toFixed(2)}-${Math.max(...perRep).toFixed(2)}` : '',
+        ratio === undefined ? '' : ratio.toFixed(2),
+        !perRep.length ? '' : inTurns ? `${quantile(perRep, 0.25).toFixed(2)}-${quantile(perRep, 0.75).toFixed(2)}` : `${Math.min(...perRep).toFixed(2)}-${Math.max(...perRep).toFixed(2)}`,
       ]);
     }
   }

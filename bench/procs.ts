@@ -44,6 +44,8 @@ export interface ProcOptions {
   stopSignal?: NodeJS.Signals;
   /** How long it may take to stop before SIGKILL. Default 5 s. */
   graceMs?: number;
+  /** Keep its stdin open as a pipe for {@link Proc.send} (testpmd's interactive commands). Default: closed. */
+  input?: boolean;
 }
 
 /** A long-running program: output kept (the tail, for error messages) and offered line by line to listeners. */
@@ -90,6 +92,12 @@ export class Proc {
     this.lineListeners.push(listener);
   }
 
+  /** Writes one line to its stdin (started with `input`). */
+  send(line: string): void {
+    if (!this.child.stdin) throw new Error(`${this.name} was started without input`);
+    this.child.stdin.write(`${line}\n`);
+  }
+
   get pid(): number | undefined {
     return this.child.pid;
   }
@@ -125,9 +133,12 @@ export class Proc {
 export class Processes {
   private readonly live = new Set<Proc>();
 
-  /** Starts a long-lived program (stdin closed, output kept). */
+  /** Starts a long-lived program (output kept; stdin closed unless `opts.input`). */
   start(name: string, cmd: Command, opts: ProcOptions = {}): Proc {
-    const child = spawn(cmd.file, cmd.args, { env: { ...process.env, ...cmd.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const stdin = opts.input ? 'pipe' : 'ignore';
+    const child = spawn(cmd.file, cmd.args, { env: { ...process.env, ...cmd.env }, stdio: [stdin, 'pipe', 'pipe'] });
+    // A program that exits with our commands unread must not take this process down with EPIPE.
+    child.stdin?.on('error', () => {});
     const p = new Proc(name, child, opts);
     this.live.add(p);
     void p.exited.then(() => this.live.delete(p));
