@@ -133,4 +133,31 @@ describe('receive copy', () => {
     }
     expect(stats[3]).toBe(17);
   });
+
+  it("the source's batch: chains before one the guest broke are filled and returned, then the error; a flagged header is left to deliver()", () => {
+    const r = receiver();
+    const packet = new Uint8Array(NET_HDR_SIZE + 64);
+    packet.set(sourceFrame(64), NET_HDR_SIZE);
+    packet[0] = 1; // NEEDS_CSUM: not for this path
+    r.driver.add1(BASE + RX_AREA, 128, true);
+    r.driver.publish();
+    expect(r.rx.deliverCopies(packet, 32)).toBe(0);
+    expect(r.queue.inFlight).toBe(0);
+    packet[0] = 0;
+    for (let i = 1; i < 3; i++) r.driver.add1(BASE + RX_AREA + 128 * i, 128, true);
+    r.driver.add1(BASE + (1 << 21), 128, true); // past the end of guest memory
+    r.driver.publish();
+    expect(() => r.rx.deliverCopies(packet, 32)).toThrow(/outside guest memory/);
+    // The three good chains went back to the driver, none left in flight, each with the whole packet.
+    expect(r.queue.inFlight).toBe(0);
+    r.queue.publish();
+    const want = packet.slice();
+    want[NET_HDR_NUM_BUFFERS] = 1;
+    for (let i = 0; i < 3; i++) {
+      expect(r.driver.nextUsed()).toBeGreaterThanOrEqual(0);
+      const at = RX_AREA + 128 * i;
+      expect(Buffer.compare(r.bytes.subarray(at, at + want.length), want), `chain ${i}`).toBe(0);
+    }
+    expect(r.driver.nextUsed()).toBe(-1);
+  });
 });

@@ -119,8 +119,8 @@ const SOURCE_BURST = 32;
 /** Fills every receive buffer the guest posts with a generated UDP broadcast frame of a fixed size. */
 class SourcePort implements PortBackend {
   /**
-   * A zero virtio-net header and the frame, one view of exactly those bytes: the receive side copies such a view
-   * with one set() (see RxQueue.deliver), and `frame` is its frame.
+   * A zero virtio-net header and the frame, one view of exactly those bytes: what RxQueue.deliverCopies copies,
+   * and RxQueue.deliver with one set(); `frame` is its frame.
    */
   private readonly packet: Uint8Array;
   private readonly frame: BytesFrame;
@@ -147,7 +147,18 @@ class SourcePort implements PortBackend {
     if (!rx) return;
     const s = this.hooks.stats;
     const len = this.frame.length;
-    for (let sent = 1; ; sent++) {
+    for (;;) {
+      const n = rx.deliverCopies(this.packet, SOURCE_BURST);
+      s[3] += n;
+      s[4] += n * len;
+      if (n === SOURCE_BURST) {
+        // Handed on in bursts, not all at the end: the guest takes the first frames (and posts their buffers
+        // again) while the rest are being filled. What is left the framework publishes after the pass.
+        this.hooks.publishRx();
+        continue;
+      }
+      // The ring ran dry, or the next chain's first buffer is too short for the frame: deliver() spreads it over
+      // chains (MRG_RXBUF), drops it, or finds no buffers.
       const r = rx.deliver(this.frame, this.packet, 0);
       if (r !== 'delivered') {
         if (r === 'too-big') s[5]++;
@@ -155,9 +166,6 @@ class SourcePort implements PortBackend {
       }
       s[3]++;
       s[4] += len;
-      // Handed on in bursts, not all at the end: the guest takes the first frames (and posts their buffers again)
-      // while the rest are being filled.
-      if (sent % SOURCE_BURST === 0) this.hooks.publishRx();
     }
   }
 
