@@ -6,7 +6,7 @@
  */
 import type { RxQueue } from './datapath.js';
 import { BytesFrame, type ChainFrame } from './datapath.js';
-import { ETH_HEADER, NET_HDR_SIZE } from './spec.js';
+import { ETH_HEADER, NET_HDR_NUM_BUFFERS, NET_HDR_SIZE } from './spec.js';
 import { TapPort } from './tap-port.js';
 
 export interface PortHooks {
@@ -119,8 +119,8 @@ const SOURCE_BURST = 32;
 /** Fills every receive buffer the guest posts with a generated UDP broadcast frame of a fixed size. */
 class SourcePort implements PortBackend {
   /**
-   * A zero virtio-net header and the frame, one view of exactly those bytes: what RxQueue.deliverCopies copies,
-   * and RxQueue.deliver with one set(); `frame` is its frame.
+   * A virtio-net header (num_buffers 1, the rest zero) and the frame, one view of exactly those bytes: what
+   * RxQueue.deliverCopies copies, and RxQueue.deliver with one set(); `frame` is its frame.
    */
   private readonly packet: Uint8Array;
   private readonly frame: BytesFrame;
@@ -132,6 +132,7 @@ class SourcePort implements PortBackend {
     if (size < 60 || size > 65535) throw new RangeError(`source frame size ${size}: 60 to 65535`);
     this.packet = new Uint8Array(NET_HDR_SIZE + size);
     this.packet.set(sourceFrame(size), NET_HDR_SIZE);
+    this.packet[NET_HDR_NUM_BUFFERS] = 1; // one buffer a frame, as deliverCopies copies it
     this.frame = new BytesFrame().set(this.packet, size, NET_HDR_SIZE);
   }
 
