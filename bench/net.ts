@@ -689,12 +689,14 @@ async function measureInTurns(c: Case, index: number): Promise<Measured> {
   };
   try {
     for (const side of sidesOf(c)) {
+      let p: Pair | undefined;
       try {
-        const p = await setUpPair(c, side);
-        pairs.push(p);
+        p = await setUpPair(c, side);
         // Warm-up, once: the JIT compiles vhost-ts's loops, the rings fill.
         await turn(c, p, -1, warmupSeconds * 1000);
+        pairs.push(p);
       } catch (e) {
+        if (p) await tearDownPair(p);
         fail(side, -1, e);
       }
     }
