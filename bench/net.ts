@@ -47,7 +47,7 @@ import {
 
 const usage = `usage: npm run bench:net [-- options]
   --json               print one JSON object {"bench":"net","results":[...]} instead of the table
-  --quick              smoke run: 1 repetition (unless --reps), 1 s warm-up, 2 s window
+  --quick              smoke run: 1 s warm-up; turns: 4 rounds; fresh: 1 repetition (unless --reps), 2 s window
   --method M           turns (default): every backend of a case and its frontend set up once and run in turns
                        (testpmd's interactive start and stop), the order reversed each round, the ratio the
                        median of the rounds' ratios; fresh: new processes for every run, --reps runs a side
@@ -63,7 +63,7 @@ const usage = `usage: npm run bench:net [-- options]
                        vhost PMD in io-forward mode
   --case LIST          the same as --cases
   --packed             packed virtqueues (virtio-user packed_vq=1) on both backends; default split
-  --retries N          repeat a run (at most N times, default 3; 0 with --quick) when other processes used more
+  --retries N          fresh: repeat a run (at most N times, default 3; 0 with --quick) when other processes used more
                        than --max-others of a CPU during its window, after waiting up to 60 s for the host to quiet
   --max-others F       CPU share (of one CPU) other processes may use during a window (default 0.1)
   --dpdk-only          DPDK's vhost PMD in both columns even if 'vhost-ts net' is available
@@ -126,7 +126,7 @@ if (method !== 'turns' && method !== 'fresh') {
 const inTurns = method === 'turns';
 const rounds = wholeNumber(opts.rounds, '--rounds', quick ? 4 : 20, 1);
 const turnMs = wholeNumber(opts['turn-ms'], '--turn-ms', 500, 50);
-// Traffic before each turn is counted: the pipeline refills after its pause (rings, the JIT's code is warm).
+// Traffic in each turn before its count begins: the pipeline refills after its pause (the JIT's code stays warm).
 const SETTLE_MS = 200;
 const reps = wholeNumber(opts.reps, '--reps', quick ? 1 : 3, 1);
 const windowSeconds = wholeNumber(opts.seconds, '--seconds', quick ? 2 : 5, 1);
@@ -912,7 +912,9 @@ async function main(): Promise<void> {
   const header = [
     `frontend: dpdk-testpmd (DPDK ${dpdkVersion}) with virtio-user; backends: ${candidate} vs DPDK's vhost PMD`,
     ...methodText,
-    `runs during which other processes used > ${(maxOthers * 100).toFixed(0)}% of a CPU repeated up to ${retries} time(s) (${measured.reduce((n, m) => n + [...m.runs.candidate, ...m.runs.dpdk].reduce((k, r) => k + r.retried, 0), 0)} repeated)`,
+    inTurns
+      ? `turns during which other processes used > ${(maxOthers * 100).toFixed(0)}% of a CPU are listed under warnings (not repeated)`
+      : `runs during which other processes used > ${(maxOthers * 100).toFixed(0)}% of a CPU repeated up to ${retries} time(s) (${measured.reduce((n, m) => n + [...m.runs.candidate, ...m.runs.dpdk].reduce((k, r) => k + r.retried, 0), 0)} repeated)`,
     `vhost-ts source: ${version}${candidateIsVhostTs ? '' : ' (not measured: vhost-ts net not available)'}`,
     ...[...commandLines].map(([k, v]) => `${k}: ${v}`),
   ];
