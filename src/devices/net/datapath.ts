@@ -335,7 +335,8 @@ export class RxQueue {
    */
   deliverCopies(packet: Uint8Array, max: number): number {
     const total = packet.length;
-    if (packet[0] !== 0 || packet[1] !== VIRTIO_NET_HDR_GSO_NONE || packet[NET_HDR_NUM_BUFFERS] !== 1 || packet[NET_HDR_NUM_BUFFERS + 1] !== 0) return 0;
+    const oneBuffer = packet[NET_HDR_NUM_BUFFERS] === 1 && packet[NET_HDR_NUM_BUFFERS + 1] === 0;
+    if (packet[0] !== 0 || packet[1] !== VIRTIO_NET_HDR_GSO_NONE || !oneBuffer) return 0;
     const q = this.queue;
     const chains = this.burst;
     let n = 0;
