@@ -78,6 +78,16 @@ export function wholeNumber(text: string, flag: string): number {
   return n;
 }
 
+/** --poll-us: microseconds (0: never poll) or `adaptive`. */
+export function pollSetting(text: string, flag: string): number | 'adaptive' {
+  if (text === 'adaptive') return text;
+  const n = Number(text);
+  if (text.trim() === '' || !Number.isInteger(n) || n < 0) {
+    throw new UsageError(`${flag} takes a whole number of microseconds (0: never poll) or "adaptive", not "${text}"`);
+  }
+  return n;
+}
+
 /** A flag's whole number, or `fallback` when the flag was not given. */
 export function wholeNumberOr(text: string | undefined, fallback: number, flag: string): number {
   return text === undefined ? fallback : wholeNumber(text, flag);

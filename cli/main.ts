@@ -10,7 +10,7 @@ import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { loadStateFile, saveStateFile } from '../src/vhost/device-state.js';
 import { VhostUserServer, type DeviceStateHooks, type VhostUserDevice } from '../src/vhost/index.js';
 import { setupMain } from '../harness/setup.js';
-import { backendOptions, backendUsage, serveOptionsOf, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
+import { backendOptions, backendUsage, pollSetting, serveOptionsOf, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
 import { ControlServer } from '../src/control/index.js';
 import { ctlMain } from './ctl.js';
 import { demoMain } from './demo.js';
@@ -67,7 +67,8 @@ const devices: Record<string, DeviceCommand> = {
   --num-queues N          request queues, one worker thread each (default 1)
   --serial ID             the disk's serial number (GET_ID), at most 20 bytes
   --engine uring|sync     io_uring (default where the kernel allows) or preadv/pwritev
-  --poll-us N             busy-poll each queue N microseconds after requests before sleeping (a dedicated core)
+  --poll-us N|adaptive    after requests, busy-poll each queue before sleeping: adaptive (default) up to 32 us
+                          while requests keep coming back within it, as QEMU's IOThreads; N: always N us; 0: never
   --no-inflight           do not offer inflight tracking (INFLIGHT_SHMFD, on by default: a restarted backend
                           runs again the requests its predecessor left unfinished)
   --completion-order reverse
@@ -89,7 +90,7 @@ const devices: Record<string, DeviceCommand> = {
         engine,
         inflightTracking: v['no-inflight'] !== true,
         completionOrder: order,
-        ...(v['poll-us'] !== undefined ? { pollUs: wholeNumber(String(v['poll-us']), '--poll-us') } : {}),
+        ...(v['poll-us'] !== undefined ? { pollUs: pollSetting(String(v['poll-us']), '--poll-us') } : {}),
       });
     },
   },

@@ -2,7 +2,7 @@
 import { netDevice, type NetBackendSpec } from '../src/devices/net/index.js';
 import { parseMac } from '../src/devices/net/spec.js';
 import { joinSwitch } from '../src/devices/net/switch.js';
-import { UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
+import { pollSetting, UsageError, wholeNumber, type DeviceCommand, type Values } from './backend-options.js';
 
 export const netCommand: DeviceCommand = {
   summary: 'vhost-ts net --socket-path SOCK [--socket-path SOCK2 ...] (--tap NAME | --switch NAME | --backend sink|source) [options]',
@@ -27,7 +27,8 @@ export const netCommand: DeviceCommand = {
   --queues N              queue pairs (tap, sink, source; default 1)
   --frame-size N          source: bytes per generated frame (default 64)
   --verify                sink: check every frame against the first, byte for byte
-  --poll-us N             busy-poll each queue N microseconds after traffic before sleeping (a dedicated core)`,
+  --poll-us N|adaptive    busy-poll each queue N microseconds after traffic before sleeping (a dedicated core;
+                          default 0: never); adaptive: up to 32 us while traffic keeps coming, as QEMU's IOThreads`,
   capabilities: { type: 'net' },
   create(v: Values) {
     const kinds = [v.tap, v.switch, v.backend].filter((x) => x !== undefined);
@@ -53,7 +54,7 @@ export const netCommand: DeviceCommand = {
         ...(macs[i] ? { mac: parseMac(macs[i]) } : {}),
         ...(mtu ? { mtu } : {}),
         queuePairs,
-        ...(v['poll-us'] !== undefined ? { pollUs: wholeNumber(String(v['poll-us']), '--poll-us') } : {}),
+        ...(v['poll-us'] !== undefined ? { pollUs: pollSetting(String(v['poll-us']), '--poll-us') } : {}),
       }),
     );
   },

@@ -33,6 +33,7 @@
  */
 import type { Virtqueue } from '../virtqueue/index.js';
 import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES } from './protocol.js';
+import type { PollSetting } from './poll-window.js';
 
 /** Virtio feature bits the framework itself implements and offers for every device. */
 export const VIRTIO_F_ANY_LAYOUT = 27;
@@ -92,9 +93,11 @@ export interface DataPlane<O> {
   createThreadHandler?(thread: ThreadContext): ThreadHandler<O>;
   /**
    * Busy-poll: after serving chains, spin up to this many microseconds for more before sleeping on the kick
-   * eventfd (default 0). Trades a busy CPU for fewer wakeups and kicks; use it on a dedicated core.
+   * eventfd (default 0: never). Trades a busy CPU for fewer wakeups and kicks; use it on a dedicated core.
+   * 'adaptive' polls as QEMU's IOThreads do: a window per queue, up to 32 µs, that grows while the driver keeps
+   * coming back within it and drops to 0 once it does not (an idle or slow queue sleeps at once).
    */
-  pollUs?: number;
+  pollUs?: PollSetting;
 }
 
 export interface VhostUserDevice<O = unknown> {

@@ -7,6 +7,7 @@ import { eventfdWrite, viewOf } from '../sys/index.js';
 import { DirtyLog, GuestMemory, PackedQueue, SplitQueue, VirtqueueError, type RingQueue } from '../virtqueue/index.js';
 import type { QueueContext, QueueHandler, ThreadHandler } from './device.js';
 import { guestMemoryOf, type MappedRegion } from './memory-map.js';
+import { PollWindow, type PollSetting } from './poll-window.js';
 
 /** Everything a queue needs to start, as plain data (it crosses to workers). */
 export interface QueueStartConfig {
@@ -77,6 +78,8 @@ interface RunningQueue {
   /** The session's counters, and what of the queue's own totals they already hold. */
   stats: Float64Array | null;
   counted: { done: number; bytes: number; suppressed: number };
+  /** How long the queue polls after going idle. */
+  poll: PollWindow;
 }
 
 export class QueueRunner {
@@ -95,7 +98,8 @@ export class QueueRunner {
 
   /**
    * @param pollUs after a pass that served chains, keep the queue's notifications off and look at it again on each
-   *   of the thread's poll passes, for this long, before re-arming them and sleeping (0: never). Saves the
+   *   of the thread's poll passes, for this many microseconds, before re-arming them and sleeping (0: never;
+   *   'adaptive': a window per queue that follows how soon the driver comes back, see PollWindow). Saves the
    *   kick/wakeup round trip on both sides; costs a busy CPU while traffic flows.
    * @param device this runner's number among the devices sharing the thread (QueueContext.device).
    */
@@ -103,7 +107,7 @@ export class QueueRunner {
     private readonly thread: ThreadHandler,
     private readonly options: unknown,
     private readonly env: RunnerEnvironment,
-    private readonly pollUs = 0,
+    private readonly pollUs: PollSetting = 0,
     private readonly device = 0,
   ) {}
 
@@ -131,12 +135,16 @@ export class QueueRunner {
     }
     const q = rq.queue;
     if (q.hasAvailable()) {
+      rq.poll.found();
       this.kick(index);
     } else if (this.pollNow > until) {
       this.polled.delete(index);
       // Re-armed: a driver that published meanwhile did not kick; serve what it published.
       try {
-        if (q.enableNotification()) this.kick(index);
+        if (q.enableNotification()) {
+          rq.poll.found();
+          this.kick(index);
+        }
       } catch (e) {
         this.fail(rq, e);
       }
@@ -205,8 +213,11 @@ export class QueueRunner {
 
   /** The driver kicked (the queue's kick eventfd fired). */
   kicked(index: number): void {
-    const st = this.queues.get(index)?.stats;
-    if (st) st[QueueStat.kicks]++;
+    const rq = this.queues.get(index);
+    if (rq) {
+      if (rq.stats) rq.stats[QueueStat.kicks]++;
+      if (rq.poll.adaptive) rq.poll.woke(performance.now());
+    }
     this.kick(index);
   }
 
@@ -230,13 +241,21 @@ export class QueueRunner {
         const took = q.popped !== before;
         // Poll only while idle: with chains in flight (asynchronous I/O) the kernel's workers, often on this very
         // CPU, are what we wait for, and their completion wakes us anyway. Notifications stay off meanwhile.
-        if (this.pollUs > 0 && took && q.inFlight === 0) {
-          this.polled.set(index, performance.now() + this.pollUs / 1000);
+        const idle = took && q.inFlight === 0;
+        const window = rq.poll.us;
+        if (window > 0 && idle) {
+          const now = performance.now();
+          rq.poll.idle(now);
+          this.polled.set(index, now + window / 1000);
           break;
         }
         // Re-arm, then look once more: a driver that published while notifications were off did not kick, and
         // will not (a full ring never kicks again). Sleeping now would stall the queue for good.
-        if (!q.enableNotification()) break;
+        if (!q.enableNotification()) {
+          // How soon the driver's kick comes is what sets an adaptive window.
+          if (idle && rq.poll.adaptive) rq.poll.idle(performance.now());
+          break;
+        }
         // A handler that declined what it was offered calls ctx.resume() when it can go on.
         if (offered && !took) break;
       }
@@ -282,6 +301,7 @@ export class QueueRunner {
     const rq: RunningQueue = { queue, handler: undefined as unknown as QueueHandler, callFd: c.callFd, errFd: c.errFd, usedLogAddr: c.usedLogAddr ?? -1,
       stats: c.stats ? new Float64Array(c.stats) : null,
       counted: { done: 0, bytes: 0, suppressed: 0 },
+      poll: new PollWindow(this.pollUs),
     };
     queue.disabled = !c.enabled;
     this.applyLog(rq);

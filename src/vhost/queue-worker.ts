@@ -11,13 +11,14 @@ import { Epoll, EPOLLET, EPOLLIN, eventfdRead } from '../sys/index.js';
 import type { ThreadHandler } from './device.js';
 import { QueueRunner, type RunnerRequest } from './queue-runner.js';
 import { loadThreadHandler, MAX_LANE_QUEUES } from './thread-handler.js';
+import type { PollSetting } from './poll-window.js';
 
 interface WorkerInit {
   module: string;
   controlFd: number;
   port: MessagePort;
   name: string;
-  pollUs: number;
+  pollUs: PollSetting;
 }
 
 /** What the host sends: a lane to create, a request for a lane, or the end. */
@@ -143,7 +144,7 @@ while (running) {
   }
   if (!running) break;
   polling = false;
-  if (init.pollUs > 0) {
+  if (init.pollUs !== 0) {
     const now = performance.now();
     for (let i = 0; i < runners.length; i++) {
       const runner = runners[i];

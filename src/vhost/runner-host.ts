@@ -8,6 +8,7 @@ import type { QueueHandlerFactory, ThreadHandler, ThreadHandlerFactory } from '.
 import { QueueRunner, type RunnerReply, type RunnerRequest } from './queue-runner.js';
 import { spawnWorker } from './spawn-worker.js';
 import { threadHandlerOf } from './thread-handler.js';
+import type { PollSetting } from './poll-window.js';
 
 export interface RunnerHost {
   request(req: RunnerRequest): Promise<number>;
@@ -26,7 +27,7 @@ export interface RunnerHostOptions {
   options: unknown;
   name: string;
   log: (message: string) => void;
-  pollUs?: number;
+  pollUs?: PollSetting;
 }
 
 const workerEntry = new URL(`./queue-worker${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url);

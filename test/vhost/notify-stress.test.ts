@@ -56,8 +56,8 @@ describe('notifications under many short bursts and queue restarts', () => {
   // Polled: the worker keeps notifications off while it looks at the ring on each pass, and re-arms them once
   // the queue stayed idle for pollUs; a burst published around the re-arm must still be served.
   for (const [ring, size] of [['split', SIZE], ['packed', 13]] as const)
-  for (const [eventIdx, pollUs] of [[false, 0], [true, 0], [true, 20]] as const) {
-    it(`never stalls (${ring} ring, EVENT_IDX ${eventIdx ? 'on' : 'off'}${pollUs ? `, polled ${pollUs} us` : ''}, ${CYCLES} stop/start cycles)`, async () => {
+  for (const [eventIdx, pollUs] of [[false, 0], [true, 0], [true, 20], [true, 'adaptive']] as const) {
+    it(`never stalls (${ring} ring, EVENT_IDX ${eventIdx ? 'on' : 'off'}${pollUs === 0 ? '' : pollUs === 'adaptive' ? ', polled adaptively' : `, polled ${pollUs} us`}, ${CYCLES} stop/start cycles)`, async () => {
       const path = join(dir, `rng-${ring}-${eventIdx}-${pollUs}.sock`);
       const server = await VhostUserServer.start(fillDevice(0x5a, 'worker', undefined, 30, pollUs), { socketPath: path, log: quiet });
       const fe = await VhostUserFrontend.connect(path);

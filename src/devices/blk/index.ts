@@ -12,6 +12,7 @@
  */
 import { statSync, truncateSync } from 'node:fs';
 import { bit, type FrontendLink, type QueueContext, type QueueHandler, type VhostUserDevice } from '../../vhost/device.js';
+import { checkPollSetting, type PollSetting } from '../../vhost/poll-window.js';
 import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import { DiskFile, probeDisk } from './disk.js';
 import { NullEngine, SyncEngine, type BlockEngine } from './engine.js';
@@ -54,8 +55,11 @@ export interface BlkOptions {
   /** 'uring' (default where available) or 'sync' (preadv/pwritev). */
   engine?: 'auto' | 'uring' | 'sync';
   queueSize?: number;
-  /** Busy-poll each queue this many microseconds after it served requests (see DataPlane.pollUs). */
-  pollUs?: number;
+  /**
+   * Busy-poll each queue this many microseconds after it served requests, or 'adaptive' (the default: up to 32 µs
+   * while the driver keeps coming back within the window, as QEMU's IOThreads poll); 0: never (see DataPlane.pollUs).
+   */
+  pollUs?: PollSetting;
   /**
    * Record requests in flight in the frontend's inflight region (INFLIGHT_SHMFD; default true), so that a
    * backend restarted after a crash runs the unfinished ones again, whatever order they completed in.
@@ -194,7 +198,7 @@ export function blkDevice(opts: BlkOptions): BlkDevice {
     },
     dataPlane: {
       module: new URL(import.meta.url),
-      pollUs: opts.pollUs ?? 0,
+      pollUs: checkPollSetting(opts.pollUs ?? 'adaptive', 'blk'),
       options: { path: opts.path, nullDisk: opts.nullSize !== undefined, readonly, direct, serial, engine: opts.engine ?? 'auto', completionOrder: opts.completionOrder ?? 'ready', limits, capacity: capacity.buffer as SharedArrayBuffer, writeback, stats },
     },
     stats() {

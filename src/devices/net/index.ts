@@ -14,6 +14,7 @@
  * ```
  */
 import { ProtocolFeature } from '../../vhost/protocol.js';
+import { checkPollSetting, type PollSetting } from '../../vhost/poll-window.js';
 import {
   bit,
   type FrontendLink,
@@ -72,8 +73,8 @@ export interface NetOptions {
   /** Queue pairs (default 1). */
   queuePairs?: number;
   queueSize?: number;
-  /** Busy-poll each queue this many microseconds after it served chains (see DataPlane.pollUs). */
-  pollUs?: number;
+  /** Busy-poll each queue this many microseconds after it served chains (default 0), or 'adaptive' (see DataPlane.pollUs). */
+  pollUs?: PollSetting;
 }
 
 /** Per pair counters: tx frames, tx bytes, tx dropped, rx frames, rx bytes, rx dropped, sink mismatches. */
@@ -225,7 +226,7 @@ export function netDevice(opts: NetOptions): NetDevice {
       groups,
       // Every port of a switch in one thread: forwarding never crosses threads.
       ...(opts.backend.kind === 'switch' ? { shareThread: `switch ${opts.backend.name}` } : {}),
-      pollUs: opts.pollUs ?? 0,
+      pollUs: checkPollSetting(opts.pollUs ?? 0, 'net'),
     },
     stats() {
       const s = new Float64Array(stats);
