@@ -30,9 +30,10 @@ const usage = `usage: npm run bench:blk [-- options]
   --seconds S          target length of one run of the faster backend (default 1.5)
   --direct             O_DIRECT on both backends (vhost-ts --direct, qsd cache.direct=on); default: page cache
   --engine E           passed to vhost-ts as --engine E (uring|sync); default: not passed (the CLI's default)
-  --poll-us N          passed to vhost-ts as --poll-us N (busy-poll each queue N us after requests)
+  --poll-us N|adaptive passed to vhost-ts as --poll-us (default: not passed, so vhost-ts polls adaptively, up to
+                       32 us while requests keep coming back; 0: never poll; N: always N us)
   --qsd-iothread       run qemu-storage-daemon's export in an IOThread, which polls adaptively (QEMU's default
-                       poll-max-ns): the like-for-like reference for --poll-us
+                       poll-max-ns): the like-for-like reference for vhost-ts's polling (its default, adaptive)
   --qsd-aio A          qemu-storage-daemon's aio= for the file: auto (io_uring if it starts, else threads),
                        io_uring, threads or native (native needs --direct); default auto
   --backend-cpu N      CPU for both backends (default 0)
@@ -80,7 +81,7 @@ const reps = positive(opts.reps, '--reps', quick ? 1 : 3, true);
 const targetSeconds = positive(opts.seconds, '--seconds', 1.5, false);
 const engine = opts.engine;
 const pollUs = opts['poll-us'];
-if (pollUs !== undefined && !/^\d+$/.test(pollUs)) throw new Error(`--poll-us takes microseconds, not "${pollUs}"`);
+if (pollUs !== undefined && !/^(\d+|adaptive)$/.test(pollUs)) throw new Error(`--poll-us takes microseconds or adaptive, not "${pollUs}"`);
 if (engine !== undefined && engine !== 'uring' && engine !== 'sync') {
   console.error(`--engine takes uring or sync\n${usage}`);
   process.exit(2);
@@ -243,7 +244,7 @@ function vhostTsArgs(image: string, socket: string, useDirect: boolean): string[
     '1',
     ...(useDirect ? ['--direct'] : []),
     ...(engine ? ['--engine', engine] : []),
-    ...(pollUs ? ['--poll-us', pollUs] : []),
+    ...(pollUs !== undefined ? ['--poll-us', pollUs] : []),
   ];
 }
 
@@ -494,6 +495,9 @@ async function main(): Promise<void> {
     engine === undefined
       ? 'vhost-ts engine: CLI default (--engine not passed: io_uring where the build and kernel allow it, else preadv/pwritev)'
       : `vhost-ts engine: --engine ${engine}`,
+    pollUs === undefined
+      ? `vhost-ts polling: CLI default (adaptive: up to 32 us after requests while they keep coming back); qsd ${opts['qsd-iothread'] ? 'in an IOThread (adaptive polling, QEMU default poll-max-ns)' : 'in its main loop (no polling; --qsd-iothread for an IOThread that polls)'}`
+      : `vhost-ts polling: --poll-us ${pollUs}`,
   ];
 
   if (json) {
@@ -507,6 +511,8 @@ async function main(): Promise<void> {
           reps,
           direct,
           engine: engine ?? 'default',
+          pollUs: pollUs ?? 'default (adaptive)',
+          qsdIothread: opts['qsd-iothread'] === true,
           qsdAio: resolvedQsdAio,
           pinning: pinning ?? null,
           commands,
