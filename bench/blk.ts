@@ -18,6 +18,7 @@ import { which } from '../harness/host-tools.js';
 import { qemuCommand, type Command } from '../harness/qemu-install.js';
 import { ensureSetup, type HarnessSetup } from '../harness/setup.js';
 import { pinned, Processes, waitForSocket, type Backend } from './blk-procs.js';
+import { cpuSeconds } from './net-procs.js';
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
@@ -360,6 +361,11 @@ interface Measured {
   case: Case;
   count: number;
   iops: Record<Side, number[]>;
+  /**
+   * Backend CPU time per request, in microseconds, each run (the whole qemu-img connection, set-up included): what
+   * a side's polling costs shows here, since a poll that finds nothing still burns its CPU.
+   */
+  cpuUs: Record<Side, number[]>;
 }
 
 const median = (xs: number[]) => {
@@ -375,17 +381,22 @@ async function measure(p: Pair, c: Case, index: number): Promise<Measured> {
   const count = Math.min(5_000_000, Math.max(1000, roundCount(fastest * targetSeconds)));
   const timeoutMs = Math.max(60_000, (20_000 * count) / slowest);
   const iops: Record<Side, number[]> = { 'vhost-ts': [], qsd: [] };
+  const cpuUs: Record<Side, number[]> = { 'vhost-ts': [], qsd: [] };
   for (let r = 0; r < reps; r++) {
     const order: Side[] = (r + index) % 2 === 0 ? ['vhost-ts', 'qsd'] : ['qsd', 'vhost-ts'];
     for (const side of order) {
+      const pid = p.backends[side].pid;
+      const cpuBefore = cpuSeconds(pid);
       const s = await runBench(p, side, c, count, timeoutMs);
+      const cpuAfter = cpuSeconds(pid);
       iops[side].push(count / s);
+      if (cpuBefore !== undefined && cpuAfter !== undefined) cpuUs[side].push(((cpuAfter - cpuBefore) * 1e6) / count);
     }
   }
   const v = median(iops['vhost-ts']);
   const q = median(iops.qsd);
   log(`${c.name}: vhost-ts ${fmtInt(v)} IOPS, qsd ${fmtInt(q)} IOPS, ratio ${(v / q).toFixed(2)} (-c ${count}, ${reps} reps)`);
-  return { case: c, count, iops };
+  return { case: c, count, iops, cpuUs };
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -492,6 +503,7 @@ async function main(): Promise<void> {
     `rand = qemu-img bench -S stride (${scatterStep(4 * KIB) / (4 * KIB)} x 4 KiB, coprime to the block count): every block once per pass in scattered order; qemu-img bench has no random mode`,
     'tmpfs: both backends serve the same image in /dev/shm (page cache only, no device I/O)',
     'null: the pure queue path, no storage: vhost-ts --null against qemu-storage-daemon driver=null-co',
+    'CPU us/req: the backend process\'s CPU time (all threads, /proc/PID/stat) over each qemu-img run, per request, median; a poll that finds nothing counts too',
     engine === undefined
       ? 'vhost-ts engine: CLI default (--engine not passed: io_uring where the build and kernel allow it, else preadv/pwritev)'
       : `vhost-ts engine: --engine ${engine}`,
@@ -517,12 +529,19 @@ async function main(): Promise<void> {
           pinning: pinning ?? null,
           commands,
         },
-        runs: measured.map((m) => ({ name: m.case.name, count: m.count, vhostTs: m.iops['vhost-ts'], qsd: m.iops.qsd })),
+        runs: measured.map((m) => ({
+          name: m.case.name,
+          count: m.count,
+          vhostTs: m.iops['vhost-ts'],
+          qsd: m.iops.qsd,
+          cpuUsPerRequest: { vhostTs: m.cpuUs['vhost-ts'], qsd: m.cpuUs.qsd },
+        })),
       }),
     );
     return;
   }
-  const rows = [['case', 'vhost-ts IOPS', 'MiB/s', 'qsd IOPS', 'MiB/s', 'ratio', 'ratio/rep min-max']];
+  const rows = [['case', 'vhost-ts IOPS', 'MiB/s', 'CPU us/req', 'qsd IOPS', 'MiB/s', 'CPU us/req', 'ratio', 'ratio/rep min-max']];
+  const cpuCell = (xs: number[]) => (xs.length === 0 ? '?' : median(xs).toFixed(2));
   for (const m of measured) {
     const v = median(m.iops['vhost-ts']);
     const q = median(m.iops.qsd);
@@ -531,8 +550,10 @@ async function main(): Promise<void> {
       m.case.name,
       fmtInt(v),
       mibs(v, m.case.size).toFixed(1),
+      cpuCell(m.cpuUs['vhost-ts']),
       fmtInt(q),
       mibs(q, m.case.size).toFixed(1),
+      cpuCell(m.cpuUs.qsd),
       (v / q).toFixed(2),
       `${Math.min(...perRep).toFixed(2)}-${Math.max(...perRep).toFixed(2)}`,
     ]);
