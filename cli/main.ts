@@ -66,7 +66,8 @@ const devices: Record<string, DeviceCommand> = {
   --direct                O_DIRECT: bypass the host page cache
   --num-queues N          request queues, one worker thread each (default 1)
   --serial ID             the disk's serial number (GET_ID), at most 20 bytes
-  --engine uring|sync     io_uring (default where the kernel allows) or preadv/pwritev
+  --engine uring|sync     io_uring or preadv/pwritev (default: io_uring where the kernel allows, preadv/pwritev
+                          for an image on tmpfs, where io_uring hands every request to a kernel thread)
   --poll-us N|adaptive    after requests, busy-poll each queue before sleeping: adaptive (default) up to 32 us
                           while requests keep coming back within it, as QEMU's IOThreads; N: always N us; 0: never
   --no-inflight           do not offer inflight tracking (INFLIGHT_SHMFD, on by default: a restarted backend

@@ -11,6 +11,7 @@ import {
   preadv,
   pwritev,
 } from '../../sys/index.js';
+import { statfsSync } from 'node:fs';
 import type { DiskFile } from './disk.js';
 import type { BlkRequest } from './request.js';
 import {
@@ -127,4 +128,24 @@ export class NullEngine implements BlockEngine {
   flush(): void {}
   drain(): void {}
   close(): void {}
+}
+
+/** statfs f_type of file systems whose files live in memory. */
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+/**
+ * The engine `engine: 'auto'` means for the image at `path`. An image in memory (tmpfs, ramfs) gets the
+ * synchronous engine: io_uring hands every tmpfs read and write to a kernel worker thread (it cannot do them
+ * without blocking), a thread switch and an eventfd wakeup per batch for what is a memory copy. Measured with
+ * qemu-img bench through libblkio, 4 KiB requests at QD32 on tmpfs: reads 3.1 s against 4.6 s for 600k, writes
+ * 5.1 against 8.5 s. Anything else gets io_uring where the kernel has it.
+ */
+export function autoEngine(path: string): 'uring' | 'sync' {
+  try {
+    const type = statfsSync(path).type;
+    return type === TMPFS_MAGIC || type === RAMFS_MAGIC ? 'sync' : 'uring';
+  } catch {
+    return 'uring'; // the disk's own open reports what is wrong with the path
+  }
 }

@@ -15,7 +15,7 @@ import { bit, type FrontendLink, type QueueContext, type QueueHandler, type Vhos
 import { checkPollSetting, type PollSetting } from '../../vhost/poll-window.js';
 import type { DescriptorChain, Virtqueue } from '../../virtqueue/index.js';
 import { DiskFile, probeDisk } from './disk.js';
-import { NullEngine, SyncEngine, type BlockEngine } from './engine.js';
+import { autoEngine, NullEngine, SyncEngine, type BlockEngine } from './engine.js';
 import { createUringEngine } from './engine-uring.js';
 import { BlkRequest, parseRequest, writeStatus, type DiskLimits } from './request.js';
 import {
@@ -52,7 +52,10 @@ export interface BlkOptions {
   numQueues?: number;
   /** GET_ID answer, at most 20 bytes (default: none, an empty id). */
   serial?: string;
-  /** 'uring' (default where available) or 'sync' (preadv/pwritev). */
+  /**
+   * 'uring', 'sync' (preadv/pwritev), or 'auto' (the default): io_uring where the kernel has it, except for an
+   * image in memory (tmpfs, ramfs), which is served synchronously (see autoEngine).
+   */
   engine?: 'auto' | 'uring' | 'sync';
   queueSize?: number;
   /**
@@ -262,7 +265,7 @@ export function createQueueHandler(ctx: QueueContext<BlkQueueOptions>): QueueHan
   };
   const hooks = { complete, writeThrough: () => Atomics.load(writeback, 0) === 0 };
   const engine: BlockEngine = disk === null ? new NullEngine(hooks) :
-    (o.engine !== 'sync' &&
+    ((o.engine === 'auto' ? autoEngine(o.path) : o.engine) !== 'sync' &&
       createUringEngine(
         disk,
         hooks,
