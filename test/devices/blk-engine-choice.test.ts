@@ -17,6 +17,8 @@ describe('autoEngine', () => {
 
   it('uses io_uring for anything else, and when the path cannot be looked at', () => {
     expect(autoEngine('/proc/self/stat')).toBe('uring'); // procfs
+    // A device node: /dev is devtmpfs, whose statfs type is tmpfs's; a block device there is not in memory.
+    expect(autoEngine('/dev/null')).toBe('uring');
     expect(autoEngine(join(shm, 'missing', 'disk.img'))).toBe('uring');
   });
 });
