@@ -45,8 +45,9 @@ export class PollWindow {
   }
 
   /**
-   * A kick woke the queue after it slept: a wait shorter than the longest window would have been caught by a
-   * longer one (grow), a longer wait would have been polled in vain (back to 0).
+   * A kick woke the queue after it slept: a wait within the current window leaves it; one within the longest
+   * window and our wakeup (WAKE_ALLOWANCE) would have been caught by a longer one (grow); a longer wait would have
+   * been polled in vain (back to 0).
    */
   woke(now: number): void {
     if (!this.adaptive || this.idleSince < 0) return;
